@@ -1,0 +1,3 @@
+module wsdrain
+
+go 1.26

@@ -1,0 +1,270 @@
+// kill.go finds the app's process in the pod's shared PID namespace and
+// signals it. It never signals PID 1 (the pod's pause process), itself or
+// its ancestors, and never escalates to SIGKILL: the kubelet owns that.
+
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// process identifies a process across PID reuse by its start time.
+type process struct {
+	pid   int
+	ppid  int
+	comm  string
+	start uint64 // clock ticks after boot, field 22 of /proc/PID/stat
+	state byte
+}
+
+// procFS reads processes under a proc mount; tests point it elsewhere.
+type procFS struct{ root string }
+
+// stat reads /proc/PID/stat. comm may hold spaces and parentheses, so the
+// fields after it are found from the last ')'.
+func (fs procFS) stat(pid int) (process, error) {
+	b, err := os.ReadFile(filepath.Join(fs.root, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return process{}, err
+	}
+	open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+	if open < 0 || end < open {
+		return process{}, fmt.Errorf("pid %d: malformed stat", pid)
+	}
+	rest := strings.Fields(string(b[end+1:]))
+	if len(rest) < 20 || len(rest[0]) != 1 {
+		return process{}, fmt.Errorf("pid %d: malformed stat", pid)
+	}
+	ppid, err1 := strconv.Atoi(rest[1])
+	start, err2 := strconv.ParseUint(rest[19], 10, 64)
+	if err1 != nil || err2 != nil {
+		return process{}, fmt.Errorf("pid %d: malformed stat", pid)
+	}
+	return process{pid: pid, ppid: ppid, comm: string(b[open+1 : end]), start: start, state: rest[0][0]}, nil
+}
+
+// pids lists the processes visible in the PID namespace.
+func (fs procFS) pids() ([]int, error) {
+	entries, err := os.ReadDir(fs.root)
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+// socketOwners returns the processes with an open fd on one of the socket
+// inodes, and how many processes' fds it was not allowed to read.
+func (fs procFS) socketOwners(inodes []uint64) (owners []process, denied int, err error) {
+	pids, err := fs.pids()
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, pid := range pids {
+		holds, err := fs.holdsSocket(pid, inodes)
+		if errors.Is(err, os.ErrPermission) {
+			denied++
+			continue
+		}
+		if err != nil || !holds {
+			continue // gone meanwhile, or not a holder
+		}
+		if p, err := fs.stat(pid); err == nil {
+			owners = append(owners, p)
+		}
+	}
+	return owners, denied, nil
+}
+
+// holdsSocket reports whether pid has an fd that is "socket:[inode]".
+func (fs procFS) holdsSocket(pid int, inodes []uint64) (bool, error) {
+	dir := filepath.Join(fs.root, strconv.Itoa(pid), "fd")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false, err
+	}
+	for _, e := range entries {
+		link, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil || !strings.HasPrefix(link, "socket:[") {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
+		if err == nil && slices.Contains(inodes, n) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// byComm returns the processes whose /proc/PID/comm is name. The kernel
+// keeps only the first 15 bytes of a name, so name is cut the same way.
+func (fs procFS) byComm(name string) ([]process, error) {
+	if len(name) > 15 {
+		name = name[:15]
+	}
+	pids, err := fs.pids()
+	if err != nil {
+		return nil, err
+	}
+	var found []process
+	for _, pid := range pids {
+		if p, err := fs.stat(pid); err == nil && p.comm == name {
+			found = append(found, p)
+		}
+	}
+	return found, nil
+}
+
+// ancestors returns pid and every process above it.
+func (fs procFS) ancestors(pid int) map[int]bool {
+	seen := map[int]bool{}
+	for pid > 0 && !seen[pid] {
+		seen[pid] = true
+		p, err := fs.stat(pid)
+		if err != nil {
+			break
+		}
+		pid = p.ppid
+	}
+	return seen
+}
+
+// alive reports whether p is still running: a zombie has exited, and a
+// different start time means the PID was reused.
+func (fs procFS) alive(p process) bool {
+	now, err := fs.stat(p.pid)
+	return err == nil && now.start == p.start && now.state != 'Z' && now.state != 'X'
+}
+
+// rootsOf keeps the processes whose parent is not among them: a pre-fork
+// server's workers share the listening socket, and the master is the one
+// that shuts them down cleanly.
+func rootsOf(ps []process) []process {
+	var roots []process
+	for _, p := range ps {
+		if !slices.ContainsFunc(ps, func(q process) bool { return q.pid == p.ppid }) {
+			roots = append(roots, p)
+		}
+	}
+	return roots
+}
+
+// withoutUnsafe drops PID 1 and the given processes (the stopper and its
+// ancestors), whatever they hold.
+func withoutUnsafe(ps []process, protected map[int]bool) []process {
+	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
+}
+
+// targetFinder picks the processes to signal.
+type targetFinder struct {
+	fs      procFS
+	source  socketSource
+	port    uint16
+	comm    string // --target-process; empty selects by listening socket
+	protect map[int]bool
+}
+
+// find returns the app's server processes. By default these own the LISTEN
+// socket on the port, which also gets past npm, yarn or "sh -c" wrappers
+// that would not pass a signal on.
+func (t targetFinder) find() ([]process, error) {
+	if t.comm != "" {
+		ps, err := t.fs.byComm(t.comm)
+		if err != nil {
+			return nil, err
+		}
+		ps = rootsOf(withoutUnsafe(ps, t.protect))
+		if len(ps) == 0 {
+			return nil, fmt.Errorf("no process named %q", t.comm)
+		}
+		return ps, nil
+	}
+	inodes, err := t.source.listeners(t.port)
+	if err != nil {
+		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
+	}
+	if len(inodes) == 0 {
+		return nil, fmt.Errorf("nothing listens on port %d", t.port)
+	}
+	owners, denied, err := t.fs.socketOwners(inodes)
+	if err != nil {
+		return nil, err
+	}
+	owners = rootsOf(withoutUnsafe(owners, t.protect))
+	switch {
+	case len(owners) > 0:
+		return owners, nil
+	case denied > 0:
+		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %d processes", t.port, denied),
+			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
+	}
+	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
+}
+
+// signalProcess sends sig to p unless p has gone or its PID was reused.
+func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
+	if !fs.alive(p) {
+		return nil
+	}
+	err := syscall.Kill(p.pid, sig)
+	switch {
+	case err == syscall.ESRCH:
+		return nil
+	case err == syscall.EPERM:
+		return hintError{fmt.Errorf("signal %s to pid %d (%s): operation not permitted", signalName(sig), p.pid, p.comm),
+			"run the sidecar with the app's runAsUser: signalling another user's process needs CAP_KILL, which the restricted profile forbids"}
+	case err != nil:
+		return fmt.Errorf("signal %s to pid %d (%s): %w", signalName(sig), p.pid, p.comm, err)
+	}
+	return nil
+}
+
+// signalLog remembers which processes a stopper has signalled, beside the
+// pipe on the emptyDir, so that a repeated preStop (hooks are delivered at
+// least once) signals nothing new and still succeeds.
+type signalLog struct{ path string }
+
+// load returns the recorded processes; a missing or damaged file is empty.
+func (l signalLog) load() []process {
+	b, err := os.ReadFile(l.path)
+	if err != nil {
+		return nil
+	}
+	var ps []process
+	for _, line := range strings.Split(string(b), "\n") {
+		var p process
+		if _, err := fmt.Sscanf(line, "%d %d", &p.pid, &p.start); err == nil {
+			ps = append(ps, p)
+		}
+	}
+	return ps
+}
+
+func (l signalLog) add(ps []process) error {
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	for _, p := range ps {
+		fmt.Fprintf(f, "%d %d\n", p.pid, p.start)
+	}
+	return f.Close()
+}
+
+// contains reports whether p, by PID and start time, was signalled before.
+func contains(ps []process, p process) bool {
+	return slices.ContainsFunc(ps, func(q process) bool { return q.pid == p.pid && q.start == p.start })
+}

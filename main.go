@@ -1,0 +1,224 @@
+// Wsdrain lets a Kubernetes pod that holds long-lived WebSocket (or any TCP)
+// connections terminate only after its last connection has ended, without
+// changing the application.
+//
+// It runs as a sidecar in a pod with shareProcessNamespace: true, in two modes:
+//
+//	wsdrain proxy    the readiness proxy, for the pod's whole life
+//	wsdrain stopper  the sidecar's preStop hook
+//
+// The proxy answers the app's readinessProbe by asking the app's health
+// endpoint, until the stopper tells it through a FIFO that the pod is
+// terminating; from then on it answers 503 so no new call is routed here. The
+// stopper counts the ESTABLISHED connections on the app's port in the pod's
+// shared network namespace and, once none are left, sends SIGTERM to the
+// process that listens on that port. The app's own preStop, an httpGet to the
+// proxy's /drain path, returns when that is done.
+//
+// Two more modes help operators: "wsdrain count" prints the live connection
+// count and "wsdrain version" the build.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// version is stamped at link time: -ldflags "-X main.version=v1.2.3".
+var version = ""
+
+const usage = `wsdrain: drain a pod's long-lived connections before it stops
+
+usage:
+  wsdrain proxy   [flags]   readiness proxy; runs for the pod's whole life
+  wsdrain stopper [flags]   preStop hook: drain, wait for zero connections, signal the app
+  wsdrain count   [flags]   print the ESTABLISHED connections on the app's port
+  wsdrain version           print the version
+
+Run "wsdrain MODE -h" for a mode's flags. Exit codes: 0 done, 1 failure, 2 bad usage.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(exitCode(err, os.Stderr))
+}
+
+// exitCode prints err the way a person reads it and maps it to 0, 1 or 2.
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintf(stderr, "wsdrain: %v\n", err)
+	var hinted interface{ Hint() string }
+	if errors.As(err, &hinted) && hinted.Hint() != "" {
+		fmt.Fprintf(stderr, "hint: %s\n", hinted.Hint())
+	}
+	var ue usageError
+	if errors.As(err, &ue) {
+		return 2
+	}
+	return 1
+}
+
+// run dispatches to a mode; it is main without the process-wide effects.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return usageError{errors.New("no mode given")}
+	}
+	err := runMode(ctx, args[0], args[1:], stdout, stderr)
+	if errors.Is(err, errHelp) {
+		return nil
+	}
+	return err
+}
+
+func runMode(ctx context.Context, mode string, rest []string, stdout, stderr io.Writer) error {
+	switch mode {
+	case "proxy":
+		return runProxy(ctx, rest, stdout)
+	case "stopper":
+		return runStopper(ctx, rest, stdout, stderr)
+	case "count":
+		return runCount(rest, stdout)
+	case "version":
+		fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
+		return nil
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return usageError{fmt.Errorf("unknown mode %q (want proxy, stopper, count or version)", mode)}
+}
+
+// usageError marks a mistake in the command line: exit status 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// hintError carries a line telling the user what to change.
+type hintError struct {
+	err  error
+	hint string
+}
+
+func (e hintError) Error() string { return e.err.Error() }
+func (e hintError) Unwrap() error { return e.err }
+func (e hintError) Hint() string  { return e.hint }
+
+// parseFlags parses args with fs, whose own output is silenced so that an
+// error is one line. A -h prints the mode's help to out and returns errHelp.
+func parseFlags(fs *flag.FlagSet, help string, args []string, out io.Writer) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(out, help)
+		return errHelp
+	}
+	if err != nil {
+		return usageError{fmt.Errorf("%s: %v", fs.Name(), err)}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
+	}
+	return nil
+}
+
+// errHelp ends a mode after it printed its help; run turns it into success.
+var errHelp = errors.New("help requested")
+
+// portFlag is a TCP port: 1–65535, checked when it is parsed.
+type portFlag uint16
+
+func (p *portFlag) String() string { return strconv.Itoa(int(*p)) }
+
+func (p *portFlag) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > 65535 {
+		return errors.New("want a port number from 1 to 65535")
+	}
+	*p = portFlag(n)
+	return nil
+}
+
+// durationFlag is a time.Duration that refuses negative values, and zero
+// unless allowZero is set.
+type durationFlag struct {
+	d         time.Duration
+	allowZero bool
+}
+
+func (f *durationFlag) String() string { return f.d.String() }
+
+func (f *durationFlag) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	switch {
+	case err != nil:
+		return errors.New("want a duration such as 500ms, 10s or 9m30s")
+	case d < 0:
+		return errors.New("must not be negative")
+	case d == 0 && !f.allowZero:
+		return errors.New("must be greater than zero")
+	}
+	f.d = d
+	return nil
+}
+
+// parseHealthURL accepts only an absolute http or https URL with a host.
+func parseHealthURL(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, usageError{fmt.Errorf("proxy: invalid value %q for flag -health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", s)}
+	}
+	return u, nil
+}
+
+// parseSignal accepts TERM, SIGTERM or sigterm. SIGKILL and SIGSTOP are
+// refused: the kubelet owns the hard stop, and a stopped app holds its calls.
+func parseSignal(s string) (syscall.Signal, error) {
+	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
+	if !ok {
+		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag -signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
+	}
+	return sig, nil
+}
+
+var signalsByName = map[string]syscall.Signal{
+	"TERM": syscall.SIGTERM, "INT": syscall.SIGINT, "QUIT": syscall.SIGQUIT,
+	"HUP": syscall.SIGHUP, "USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2,
+}
+
+// signalName is the conventional name of sig, such as SIGTERM.
+func signalName(sig syscall.Signal) string {
+	for name, s := range signalsByName {
+		if s == sig {
+			return "SIG" + name
+		}
+	}
+	return sig.String()
+}
+
+// buildVersion is the stamped version, else what the Go toolchain recorded.
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if info, ok := debug.ReadBuildInfo(); ok && info.Main.Version != "" {
+		return info.Main.Version
+	}
+	return "(devel)"
+}

@@ -1,0 +1,247 @@
+// procnet.go reads the kernel's TCP socket tables, /proc/net/tcp and
+// /proc/net/tcp6, as seen from the pod's shared network namespace.
+
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+)
+
+// Socket states as the tables print them (include/net/tcp_states.h, in hex).
+const (
+	stateEstablished = "01"
+	stateListen      = "0A"
+)
+
+// procTables are read in this order; a kernel built without IPv6 has no tcp6.
+var procTables = []string{"/proc/net/tcp", "/proc/net/tcp6"}
+
+// procSource reads the tables through one reusable buffer: the stopper
+// counts every second on pods with tens of thousands of connections, so no
+// line may cost an allocation.
+type procSource struct {
+	paths []string
+	br    *bufio.Reader
+}
+
+func newProcSource(paths ...string) *procSource {
+	if len(paths) == 0 {
+		paths = procTables
+	}
+	return &procSource{paths: paths, br: bufio.NewReaderSize(nil, 64<<10)}
+}
+
+func (p *procSource) name() string { return "proc" }
+
+// established counts ESTABLISHED sockets whose local port is port.
+func (p *procSource) established(port uint16) (int, error) {
+	n := 0
+	err := p.eachTable(func(path string, r io.Reader) error {
+		c, err := p.countEstablished(r, port)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		n += c
+		return nil
+	})
+	return n, err
+}
+
+// listeners returns the inodes of LISTEN sockets on port, for finding the
+// process that owns them.
+func (p *procSource) listeners(port uint16) ([]uint64, error) {
+	var inodes []uint64
+	err := p.eachTable(func(path string, r io.Reader) error {
+		var err error
+		inodes, err = p.listenInodes(r, port, inodes)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		return nil
+	})
+	return inodes, err
+}
+
+// eachTable opens every table in turn; only tcp6 may be missing.
+func (p *procSource) eachTable(fn func(path string, r io.Reader) error) error {
+	for i, path := range p.paths {
+		f, err := os.Open(path)
+		if i > 0 && errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		err = fn(path, f)
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// countEstablished counts the ESTABLISHED rows of one table whose local
+// port is port. Only the local side counts: inside the pod both ends of a
+// loopback connection are listed, and the client end has port as its remote.
+func (p *procSource) countEstablished(r io.Reader, port uint16) (int, error) {
+	want := hexPort(port)
+	n := 0
+	err := p.eachRow(r, func(row tableRow) {
+		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateEstablished {
+			n++
+		}
+	})
+	return n, err
+}
+
+// listenInodes appends to inodes the socket inodes of LISTEN rows on port.
+func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]uint64, error) {
+	want := hexPort(port)
+	err := p.eachRow(r, func(row tableRow) {
+		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateListen {
+			inodes = append(inodes, row.inode)
+		}
+	})
+	return inodes, err
+}
+
+// tableRow is what wsdrain needs of a line; the slices alias the buffer.
+type tableRow struct {
+	localPort []byte
+	state     []byte
+	inode     uint64
+}
+
+// eachRow checks the header and calls fn for every row. Any line it cannot
+// parse fails the whole table: a count read from a damaged table must be
+// "unknown", never a number that could be zero.
+func (p *procSource) eachRow(r io.Reader, fn func(tableRow)) error {
+	p.br.Reset(r)
+	defer p.br.Reset(nil)
+	header, err := p.readLine()
+	if err != nil {
+		return fmt.Errorf("reading header: %w", err)
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(header, " "), []byte("sl ")) {
+		return fmt.Errorf("%w: header %q", errMalformed, preview(header))
+	}
+	for lineNo := 2; ; lineNo++ {
+		line, err := p.readLine()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("line %d: %w", lineNo, err)
+		}
+		row, ok := parseRow(line)
+		if !ok {
+			return fmt.Errorf("%w: line %d: %q", errMalformed, lineNo, preview(line))
+		}
+		fn(row)
+	}
+}
+
+var errMalformed = errors.New("malformed table")
+
+// readLine returns the next line without its newline. A last line with no
+// newline was cut short, which the kernel never does: it is an error.
+func (p *procSource) readLine() ([]byte, error) {
+	line, err := p.br.ReadSlice('\n')
+	switch {
+	case err == nil:
+		return line[:len(line)-1], nil
+	case err == io.EOF && len(line) == 0:
+		return nil, io.EOF
+	case err == io.EOF:
+		return nil, fmt.Errorf("%w: truncated line %q", errMalformed, preview(line))
+	case errors.Is(err, bufio.ErrBufferFull):
+		return nil, fmt.Errorf("%w: line longer than %d bytes", errMalformed, p.br.Size())
+	}
+	return nil, err
+}
+
+// parseRow splits "sl local rem st tx:rx tr:when retrnsmt uid timeout inode …"
+// by runs of spaces, not by column: the sl column widens past 9999 rows.
+func parseRow(line []byte) (tableRow, bool) {
+	var f [10][]byte
+	rest := line
+	for i := range f {
+		f[i], rest = nextField(rest)
+		if len(f[i]) == 0 {
+			return tableRow{}, false
+		}
+	}
+	sl, local, state, inode := f[0], f[1], f[3], f[9]
+	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) {
+		return tableRow{}, false
+	}
+	// local is ADDR:PORT in hex: 8 digits for IPv4, 32 for IPv6 (where an
+	// IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d).
+	addrLen := len(local) - 5
+	if (addrLen != 8 && addrLen != 32) || local[addrLen] != ':' || !isHex(local[:addrLen]) || !isHex(local[addrLen+1:]) {
+		return tableRow{}, false
+	}
+	if len(state) != 2 || !isHex(state) || !isDigits(inode) || len(inode) > 19 {
+		return tableRow{}, false
+	}
+	return tableRow{localPort: local[addrLen+1:], state: state, inode: parseDigits(inode)}, true
+}
+
+// nextField returns the first space-separated field of s and what follows it.
+func nextField(s []byte) (field, rest []byte) {
+	i := 0
+	for i < len(s) && s[i] == ' ' {
+		i++
+	}
+	j := i
+	for j < len(s) && s[j] != ' ' {
+		j++
+	}
+	return s[i:j], s[j:]
+}
+
+// hexPort is port as the tables print it: four upper-case hex digits.
+func hexPort(port uint16) [4]byte {
+	const digits = "0123456789ABCDEF"
+	return [4]byte{digits[port>>12], digits[port>>8&0xF], digits[port>>4&0xF], digits[port&0xF]}
+}
+
+func isHex(b []byte) bool {
+	for _, c := range b {
+		if !('0' <= c && c <= '9' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return len(b) > 0
+}
+
+func isDigits(b []byte) bool {
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return len(b) > 0
+}
+
+func parseDigits(b []byte) uint64 {
+	var n uint64
+	for _, c := range b {
+		n = n*10 + uint64(c-'0')
+	}
+	return n
+}
+
+// preview shortens a bad line for an error message.
+func preview(b []byte) string {
+	if len(b) > 80 {
+		return string(b[:80]) + "…"
+	}
+	return string(b)
+}

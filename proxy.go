@@ -1,0 +1,350 @@
+// proxy.go is the readiness proxy: it passes the app's health verdict on to
+// the kubelet until the stopper says the pod is draining, then answers 503 so
+// that no new call is routed to this pod. It also holds the app's preStop
+// (GET /drain) until the stopper has signalled the app.
+
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+const proxyHelp = `usage: wsdrain proxy [flags]
+
+Answers the app container's readinessProbe. Until a drain begins, every GET or
+HEAD asks -health-url and passes its status on (a failure or no answer within
+-health-timeout gives 503). Once the stopper writes "drain" to -fifo, every
+answer is 503 for the rest of the proxy's life. GET /drain is the app's
+preStop: it waits until the stopper has signalled the app.
+
+example:
+  wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
+
+flags:
+  -listen ADDR            address to serve probes on (default :8081)
+  -health-url URL         the app's health endpoint; the only URL ever asked
+                          (default http://127.0.0.1:8080/healthz)
+  -fifo PATH              drain pipe, created if missing; put it on an emptyDir
+                          mounted in the sidecar only (default /run/wsdrain/drain.fifo)
+  -health-timeout D       how long to wait for the app's answer; below the
+                          kubelet's 1s probe timeout so the verdict is ours (default 800ms)
+  -drain-start-wait D     how long GET /drain waits for a drain to begin before
+                          it answers 200 anyway: the app's preStop also runs when
+                          only the app container restarts (a failed liveness
+                          probe), and then no stopper runs; 0 waits for ever (default 30s)
+`
+
+// maxDrainWaiters bounds GET /drain: the kubelet sends one per termination.
+const maxDrainWaiters = 8
+
+type proxyConfig struct {
+	listen         string
+	healthURL      *url.URL
+	fifo           string
+	healthTimeout  time.Duration
+	drainStartWait time.Duration
+}
+
+func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
+	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
+	listen := fs.String("listen", ":8081", "")
+	health := fs.String("health-url", "http://127.0.0.1:8080/healthz", "")
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "")
+	timeout := durationFlag{d: 800 * time.Millisecond}
+	startWait := durationFlag{d: 30 * time.Second, allowZero: true}
+	fs.Var(&timeout, "health-timeout", "")
+	fs.Var(&startWait, "drain-start-wait", "")
+	if err := parseFlags(fs, proxyHelp, args, stdout); err != nil {
+		return proxyConfig{}, err
+	}
+	u, err := parseHealthURL(*health)
+	if err != nil {
+		return proxyConfig{}, err
+	}
+	if err := checkListenAddr(*listen); err != nil {
+		return proxyConfig{}, err
+	}
+	if *fifo == "" {
+		return proxyConfig{}, usageError{errors.New("proxy: flag -fifo must not be empty")}
+	}
+	return proxyConfig{*listen, u, *fifo, timeout.d, startWait.d}, nil
+}
+
+func checkListenAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+		return usageError{fmt.Errorf("proxy: invalid value %q for flag -listen: want HOST:PORT or :PORT with a port from 1 to 65535", addr)}
+	}
+	return nil
+}
+
+// runProxy serves until ctx is cancelled (SIGTERM), then releases any
+// waiting preStop and shuts down within a few seconds.
+func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
+	cfg, err := parseProxyFlags(args, stdout)
+	if err != nil {
+		return err
+	}
+	out := &lockedWriter{w: stdout}
+	logger := slog.New(slog.NewTextHandler(out, nil))
+	if err := ensureFIFO(cfg.fifo); err != nil {
+		return err
+	}
+	pipe, err := openFIFOReader(cfg.fifo)
+	if err != nil {
+		return err
+	}
+	defer pipe.Close()
+	ln, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return err
+	}
+	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
+	go readFIFO(pipe, p.fifoEvents(out))
+	srv := &http.Server{
+		Handler:           p,
+		ReadHeaderTimeout: 2 * time.Second,
+		ReadTimeout:       5 * time.Second,
+		IdleTimeout:       30 * time.Second,
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		// No WriteTimeout: GET /drain legitimately waits for minutes.
+	}
+	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
+		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	return p.shutdown(srv)
+}
+
+// proxy is the HTTP handler; its drain state lives in memory only, so a
+// restarted sidecar starts ready rather than unready for ever.
+type proxy struct {
+	health         *httputil.ReverseProxy
+	healthTimeout  time.Duration
+	drainStartWait time.Duration
+	log            *slog.Logger
+
+	draining, released, stopping     chan struct{}
+	drainOnce, releaseOnce, stopOnce sync.Once
+	waiters                          chan struct{}
+	lastHealth                       atomic.Int64 // last status, or -1 for an error
+}
+
+func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
+	p := &proxy{
+		healthTimeout:  cfg.healthTimeout,
+		drainStartWait: cfg.drainStartWait,
+		log:            logger,
+		draining:       make(chan struct{}),
+		released:       make(chan struct{}),
+		stopping:       make(chan struct{}),
+		waiters:        make(chan struct{}, maxDrainWaiters),
+	}
+	p.health = &httputil.ReverseProxy{
+		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
+		Transport:      transport,
+		ModifyResponse: p.passStatus,
+		ErrorHandler:   p.healthFailed,
+		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	}
+	return p
+}
+
+// newHealthTransport asks the app with no idle connection: one kept open to
+// the app's port would be counted by the stopper as a live call.
+func newHealthTransport(timeout time.Duration) *http.Transport {
+	return &http.Transport{
+		Proxy:                  nil, // never through HTTP_PROXY: the app is local
+		DialContext:            (&net.Dialer{Timeout: timeout}).DialContext,
+		DisableKeepAlives:      true,
+		TLSHandshakeTimeout:    timeout,
+		ResponseHeaderTimeout:  timeout,
+		MaxResponseHeaderBytes: 16 << 10,
+	}
+}
+
+// rewriteToHealth points every request at the one health URL, whatever
+// its path, query or headers: the proxy can reach nothing else.
+func rewriteToHealth(pr *httputil.ProxyRequest, health *url.URL) {
+	target := *health
+	pr.Out.Method = http.MethodGet
+	pr.Out.URL = &target
+	pr.Out.Host = ""
+	pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
+	pr.Out.Body = nil
+	pr.Out.ContentLength = 0
+}
+
+func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case r.Method != http.MethodGet && r.Method != http.MethodHead:
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	case r.URL.Path == "/drain":
+		p.waitForRelease(w, r)
+	case p.isDraining():
+		http.Error(w, "draining", http.StatusServiceUnavailable)
+	default:
+		ctx, cancel := context.WithTimeout(r.Context(), p.healthTimeout)
+		defer cancel()
+		p.health.ServeHTTP(w, r.WithContext(ctx))
+	}
+}
+
+func (p *proxy) isDraining() bool {
+	select {
+	case <-p.draining:
+		return true
+	default:
+		return false
+	}
+}
+
+// passStatus keeps the app's status and at most 4 KiB of its body, and
+// drops its headers: a Location header would send the kubelet elsewhere.
+func (p *proxy) passStatus(resp *http.Response) error {
+	p.noteHealth(resp.StatusCode, nil)
+	contentType := resp.Header.Get("Content-Type")
+	resp.Header = http.Header{}
+	if contentType != "" {
+		resp.Header.Set("Content-Type", contentType)
+	}
+	resp.Trailer = nil
+	resp.ContentLength = -1
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.LimitReader(resp.Body, 4<<10), resp.Body}
+	return nil
+}
+
+func (p *proxy) healthFailed(w http.ResponseWriter, r *http.Request, err error) {
+	p.noteHealth(-1, err)
+	http.Error(w, "app health check failed", http.StatusServiceUnavailable)
+}
+
+// noteHealth logs when the app's verdict changes, not on every probe.
+func (p *proxy) noteHealth(status int, err error) {
+	if old := p.lastHealth.Swap(int64(status)); old == int64(status) {
+		return
+	}
+	switch {
+	case err != nil:
+		p.log.Warn("app health check failed", "err", err)
+	case status >= 400:
+		p.log.Warn("app reports unhealthy", "status", status)
+	default:
+		p.log.Info("app reports healthy", "status", status)
+	}
+}
+
+// waitForRelease is the app's preStop. It never starts anything; it answers
+// once the stopper is done with the app, the proxy stops, or no drain began.
+func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
+	select {
+	case p.waiters <- struct{}{}:
+		defer func() { <-p.waiters }()
+	default:
+		http.Error(w, "too many waiters", http.StatusServiceUnavailable)
+		return
+	}
+	p.log.Info("app preStop waiting", "remote", r.RemoteAddr)
+	reason := p.awaitRelease(r.Context())
+	if reason == "" {
+		p.log.Info("app preStop gave up waiting", "remote", r.RemoteAddr)
+		return
+	}
+	p.log.Info("app preStop released", "reason", reason)
+	fmt.Fprintln(w, reason)
+}
+
+func (p *proxy) awaitRelease(ctx context.Context) string {
+	draining := p.draining
+	var noDrain <-chan time.Time
+	if p.drainStartWait > 0 {
+		t := time.NewTimer(p.drainStartWait)
+		defer t.Stop()
+		noDrain = t.C
+	}
+	for {
+		select {
+		case <-p.released:
+			return "stopper is done with the app"
+		case <-p.stopping:
+			return "proxy is shutting down"
+		case <-ctx.Done():
+			return ""
+		case <-draining:
+			draining, noDrain = nil, nil
+		case <-noDrain:
+			return "no drain began: not a pod termination"
+		}
+	}
+}
+
+// fifoEvents wires the drain pipe to the proxy's state and log.
+func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
+	return fifoEvents{
+		drain: func() {
+			p.drainOnce.Do(func() {
+				close(p.draining)
+				p.log.Info("drain begun: readiness answers 503 from now on")
+			})
+		},
+		done: func() {
+			p.releaseOnce.Do(func() {
+				close(p.released)
+				p.log.Info("stopper is done with the app")
+			})
+		},
+		stopperLog: func(line []byte) { out.Write(append(line, '\n')) },
+		ignored: func(why string, preview []byte) {
+			p.log.Warn("fifo: ignored message", "why", why, "start", string(preview))
+		},
+	}
+}
+
+// shutdown releases waiting preStops and stops serving within 5 s.
+func (p *proxy) shutdown(srv *http.Server) error {
+	p.stopOnce.Do(func() { close(p.stopping) })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := srv.Shutdown(ctx)
+	p.log.Info("proxy stopped")
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil
+	}
+	return err
+}
+
+// lockedWriter keeps the proxy's own log lines and the stopper's copied
+// lines from interleaving mid-line.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}

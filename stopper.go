@@ -1,0 +1,328 @@
+// stopper.go is the sidecar's preStop hook: it starts the drain, waits until
+// the app's port has no ESTABLISHED connection left, signals the app, and
+// tells all of it to the proxy's log, since the kubelet discards hook output.
+
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+)
+
+const stopperHelp = `usage: wsdrain stopper [flags]
+
+The sidecar's preStop hook. Tells the proxy to drain (readiness 503), counts
+the ESTABLISHED connections whose local port is -target-port, and once there
+are none (and -min-drain has passed) signals the app and releases the app's
+preStop. Everything it does is copied to the proxy's log (kubectl logs).
+
+example:
+  wsdrain stopper --target-port 8080 --fifo /run/wsdrain/drain.fifo --timeout 570s
+
+flags:
+  -target-port N          the app's port: connections on it are the calls (default 8080)
+  -fifo PATH              the proxy's drain pipe (default /run/wsdrain/drain.fifo)
+  -interval D             how often to count (default 1s)
+  -min-drain D            never signal sooner than this after the drain began:
+                          new calls can still arrive while the endpoint is being
+                          removed from Services and load balancers (default 5s)
+  -timeout D              signal anyway after this long, so the app gets SIGTERM
+                          and not the kubelet's SIGKILL; keep it 30s or so below
+                          terminationGracePeriodSeconds; 0 waits for ever and
+                          leaves the end to the kubelet (default 0)
+  -target-process NAME    signal the processes with this /proc/PID/comm instead of
+                          the owner of the socket listening on -target-port
+  -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
+  -exit-wait D            after signalling, how long to wait for the app to exit
+                          (default 10s)
+
+exit status: 0 when the app was signalled (or a previous run already did),
+1 when no target was found or it could not be signalled, 2 for bad usage.
+`
+
+type stopperConfig struct {
+	port          uint16
+	fifo          string
+	interval      time.Duration
+	minDrain      time.Duration
+	timeout       time.Duration
+	exitWait      time.Duration
+	targetProcess string
+	signal        syscall.Signal
+}
+
+func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
+	fs := flag.NewFlagSet("stopper", flag.ContinueOnError)
+	port := portFlag(8080)
+	interval := durationFlag{d: time.Second}
+	minDrain := durationFlag{d: 5 * time.Second, allowZero: true}
+	timeout := durationFlag{allowZero: true}
+	exitWait := durationFlag{d: 10 * time.Second, allowZero: true}
+	fs.Var(&port, "target-port", "")
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "")
+	fs.Var(&interval, "interval", "")
+	fs.Var(&minDrain, "min-drain", "")
+	fs.Var(&timeout, "timeout", "")
+	fs.Var(&exitWait, "exit-wait", "")
+	target := fs.String("target-process", "", "")
+	sigName := fs.String("signal", "TERM", "")
+	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
+		return stopperConfig{}, err
+	}
+	sig, err := parseSignal(*sigName)
+	if err != nil {
+		return stopperConfig{}, err
+	}
+	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig}, nil
+}
+
+// runStopper wires the stopper to the real kernel tables, /proc and pipe.
+func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseStopperFlags(args, stdout)
+	if err != nil {
+		return err
+	}
+	pipe := newFIFOWriter(cfg.fifo)
+	defer pipe.close()
+	log := slog.New(slog.NewMultiHandler(
+		slog.NewTextHandler(stderr, nil),
+		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
+	))
+	fs := procFS{root: "/proc"}
+	source := newProcSource()
+	s := &stopper{
+		cfg:    cfg,
+		log:    log,
+		count:  func() (int, error) { return source.established(cfg.port) },
+		notify: pipe.send,
+		now:    time.Now,
+		sleep:  sleepCtx,
+		app: &appSignaller{
+			fs:     fs,
+			finder: targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
+			record: signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")},
+			sig:    cfg.signal,
+			log:    log,
+		},
+	}
+	return s.run(ctx)
+}
+
+// stopper is the drain loop; its boundaries are fields so tests can drive it.
+type stopper struct {
+	cfg    stopperConfig
+	log    *slog.Logger
+	count  func() (int, error)
+	notify func(msg string) error
+	now    func() time.Time
+	sleep  func(ctx context.Context, d time.Duration) error
+	app    interface {
+		signal() ([]process, error)
+		waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool
+	}
+}
+
+func (s *stopper) run(ctx context.Context) error {
+	begun := s.now()
+	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout)
+	if err := s.notify("drain"); err != nil {
+		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
+	}
+	if err := s.waitForCalls(ctx, begun); err != nil {
+		return err
+	}
+	signalled, err := s.app.signal()
+	// Release the app's preStop even when signalling failed: the kubelet's
+	// own SIGTERM then reaches the app, and the calls are over either way.
+	if nerr := s.notify("done"); nerr != nil {
+		s.log.Warn("could not release the app's preStop", "err", nerr)
+	}
+	if err != nil {
+		s.log.Error("could not signal the app", "err", err)
+		return err
+	}
+	if len(signalled) > 0 && !s.app.waitExit(ctx, signalled, s.cfg.exitWait, s.sleep) {
+		s.log.Warn("app still running after the signal; the kubelet takes over", "waited", s.cfg.exitWait)
+	}
+	return nil
+}
+
+// waitForCalls returns once no call is left and -min-drain has passed, or
+// at -timeout. A count it could not read never counts as zero.
+func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
+	r := countReporter{log: s.log, last: -1}
+	for {
+		n, err := s.count()
+		elapsed := s.now().Sub(begun)
+		r.report(n, err, elapsed)
+		if err == nil && n == 0 && elapsed >= s.cfg.minDrain {
+			s.log.Info("no connections left", "elapsed", elapsed.Round(time.Millisecond))
+			return nil
+		}
+		if s.cfg.timeout > 0 && elapsed >= s.cfg.timeout {
+			s.log.Warn("drain timeout: signalling the app with connections still open",
+				"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
+			return nil
+		}
+		if err := s.sleep(ctx, s.nextWait(n, err, elapsed)); err != nil {
+			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), err)
+		}
+	}
+}
+
+// nextWait is one interval, cut short to land on -min-drain or -timeout.
+func (s *stopper) nextWait(n int, err error, elapsed time.Duration) time.Duration {
+	wait := s.cfg.interval
+	if err == nil && n == 0 && s.cfg.minDrain > elapsed {
+		wait = min(wait, s.cfg.minDrain-elapsed)
+	}
+	if s.cfg.timeout > elapsed {
+		wait = min(wait, s.cfg.timeout-elapsed)
+	}
+	return wait
+}
+
+// countReporter logs every change of the count, and a reminder each minute.
+type countReporter struct {
+	log        *slog.Logger
+	last       int
+	lastErr    string
+	lastLogged time.Duration
+}
+
+func (r *countReporter) report(n int, err error, elapsed time.Duration) {
+	at := elapsed.Round(time.Millisecond)
+	switch {
+	case err != nil && err.Error() != r.lastErr:
+		r.log.Warn("connection count unknown; waiting, not signalling", "err", err, "elapsed", at)
+	case err == nil && n != r.last:
+		r.log.Info("connections open", "count", n, "elapsed", at)
+	case elapsed-r.lastLogged >= time.Minute:
+		r.log.Info("still draining", "connections", countAttr(n, err), "elapsed", at)
+	default:
+		return
+	}
+	r.lastLogged = elapsed
+	r.last, r.lastErr = n, ""
+	if err != nil {
+		r.last, r.lastErr = -1, err.Error()
+	}
+}
+
+func countAttr(n int, err error) string {
+	if err != nil {
+		return "unknown"
+	}
+	return fmt.Sprint(n)
+}
+
+// sleepCtx sleeps for d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// appSignaller signals the app once, remembering whom across hook runs.
+type appSignaller struct {
+	fs     procFS
+	finder targetFinder
+	record signalLog
+	sig    syscall.Signal
+	log    *slog.Logger
+}
+
+// signal sends the signal to every target not signalled by an earlier run
+// and returns the targets that are still to exit.
+func (a *appSignaller) signal() ([]process, error) {
+	before := a.record.load()
+	targets, err := a.finder.find()
+	if err != nil && len(before) > 0 {
+		a.log.Info("app already gone after an earlier stopper run", "detail", err)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var fresh []process
+	for _, p := range targets {
+		if contains(before, p) {
+			a.log.Info("app already signalled by an earlier stopper run", "pid", p.pid, "process", p.comm)
+			continue
+		}
+		if err := a.fs.signalProcess(p, a.sig); err != nil {
+			return nil, err
+		}
+		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalName(a.sig))
+		fresh = append(fresh, p)
+	}
+	if err := a.record.add(fresh); err != nil {
+		a.log.Warn("could not record the signalled processes", "err", err)
+	}
+	return targets, nil
+}
+
+// waitExit waits up to limit for ps to exit, and says how it went.
+func (a *appSignaller) waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool {
+	const step = 100 * time.Millisecond
+	for waited := time.Duration(0); ; waited += step {
+		if !slices.ContainsFunc(ps, a.fs.alive) {
+			a.log.Info("app exited", "within", waited)
+			return true
+		}
+		if waited >= limit || sleep(ctx, step) != nil {
+			return false
+		}
+	}
+}
+
+// socketSource is where connection counts and listeners come from.
+type socketSource interface {
+	name() string
+	established(port uint16) (int, error)
+	listeners(port uint16) ([]uint64, error)
+}
+
+const countHelp = `usage: wsdrain count [flags]
+
+Prints one integer: the ESTABLISHED connections whose local port is
+-target-port, in this network namespace. Run it with kubectl exec in the
+sidecar to see the live calls.
+
+example:
+  kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080
+
+flags:
+  -target-port N   the app's port (default 8080)
+
+exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
+`
+
+func runCount(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("count", flag.ContinueOnError)
+	port := portFlag(8080)
+	fs.Var(&port, "target-port", "")
+	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
+		return err
+	}
+	n, err := newProcSource().established(uint16(port))
+	if err != nil {
+		return fmt.Errorf("count: %w", err)
+	}
+	fmt.Fprintln(stdout, n)
+	return nil
+}
