@@ -49,7 +49,10 @@ func (p *procSource) established(port uint16) (int, error) {
 		n += c
 		return nil
 	})
-	return n, err
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
 }
 
 // listeners returns the inodes of LISTEN sockets on port, for finding the
@@ -97,7 +100,10 @@ func (p *procSource) countEstablished(r io.Reader, port uint16) (int, error) {
 			n++
 		}
 	})
-	return n, err
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
 }
 
 // listenInodes appends to inodes the socket inodes of LISTEN rows on port.

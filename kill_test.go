@@ -1,0 +1,153 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+func TestStatReadsAwkwardNames(t *testing.T) {
+	root := t.TempDir()
+	writeStat(t, root, 77, "77 (my (odd) app) S 12 77 77 0 -1 4194560 0 0 0 0 1 2 0 0 20 0 3 0 123456 0 0\n")
+	p, err := procFS{root}.stat(77)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.comm != "my (odd) app" || p.ppid != 12 || p.start != 123456 || p.state != 'S' {
+		t.Fatalf("stat = %+v", p)
+	}
+	writeStat(t, root, 78, "78 (cut")
+	if _, err := (procFS{root}).stat(78); err == nil {
+		t.Fatal("a malformed stat parsed")
+	}
+}
+
+func TestTargetSelectionRules(t *testing.T) {
+	// A pre-fork server: master 10 (child of a wrapper shell 5) and workers
+	// 11, 12 all hold the listening socket; PID 1 is the pod's pause process.
+	owners := []process{{pid: 1}, {pid: 10, ppid: 5}, {pid: 11, ppid: 10}, {pid: 12, ppid: 10}, {pid: 30, ppid: 1}}
+	got := rootsOf(withoutUnsafe(slices.Clone(owners), map[int]bool{30: true}))
+	if len(got) != 1 || got[0].pid != 10 {
+		t.Fatalf("targets %+v; want only the master, pid 10", got)
+	}
+}
+
+func TestFindsTheListenerOwner(t *testing.T) {
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	fs := procFS{"/proc"}
+	f := targetFinder{fs: fs, source: newProcSource(), port: port}
+	got, err := f.find()
+	if err != nil || len(got) != 1 || got[0].pid != os.Getpid() {
+		t.Fatalf("find = %+v, %v; want this test process %d", got, err, os.Getpid())
+	}
+	f.protect = fs.ancestors(os.Getpid())
+	if got, err := f.find(); err == nil {
+		t.Fatalf("find returned the stopper's own process %+v", got)
+	}
+	f.port = port + 1
+	if _, err := f.find(); err == nil || !strings.Contains(err.Error(), "nothing listens") {
+		t.Fatalf("find on an unused port: %v", err)
+	}
+}
+
+func TestSignalsOnceAcrossRepeatedHooks(t *testing.T) {
+	app, port := startTestApp(t)
+	fs := procFS{"/proc"}
+	var log syncBuffer
+	a := &appSignaller{
+		fs:     fs,
+		finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())},
+		record: signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")},
+		sig:    syscall.SIGTERM,
+		log:    testLogger(&log),
+	}
+	first, err := a.signal()
+	if err != nil || len(first) != 1 || first[0].pid != app.Process.Pid {
+		t.Fatalf("first run signalled %+v, %v; want the app, pid %d", first, err, app.Process.Pid)
+	}
+	// The second run comes while the app is still exiting, or after.
+	if _, err := a.signal(); err != nil {
+		t.Fatalf("second run failed: %v", err)
+	}
+	if n := strings.Count(log.String(), `msg="signalled app"`); n != 1 {
+		t.Errorf("signalled %d times over two runs, want once:\n%s", n, log.String())
+	}
+	app.Wait()
+	if _, err := a.signal(); err != nil {
+		t.Fatalf("a run after the app exited failed: %v", err)
+	}
+	a.record.path = filepath.Join(t.TempDir(), "never-signalled")
+	if _, err := a.signal(); err == nil {
+		t.Fatal("with no app and no earlier run, the stopper must fail")
+	}
+}
+
+func TestByCommSelectsTheParentOfSameNamedProcesses(t *testing.T) {
+	app, _ := startTestApp(t)
+	comm, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(app.Process.Pid), "comm"))
+	fs := procFS{"/proc"}
+	// The test binary itself has the same name: protect it and its ancestors.
+	got, err := fs.byComm(strings.TrimSpace(string(comm)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = rootsOf(withoutUnsafe(got, fs.ancestors(os.Getpid())))
+	if len(got) != 1 || got[0].pid != app.Process.Pid {
+		t.Fatalf("by comm %q: %+v; want the app, pid %d", comm, got, app.Process.Pid)
+	}
+}
+
+// startTestApp runs the demo app on a free port and waits until it listens.
+func startTestApp(t *testing.T, extra ...string) (*exec.Cmd, uint16) {
+	t.Helper()
+	port := uint16(mustPort(t, freeAddr(t)))
+	cmd := exec.Command(os.Args[0], append([]string{"--port", strconv.Itoa(int(port))}, extra...)...)
+	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.Contains(line, "listening") {
+		t.Fatalf("app did not start: %q %v", line, err)
+	}
+	go io.Copy(io.Discard, stdout)
+	return cmd, port
+}
+
+func mustPort(t *testing.T, addr string) int {
+	t.Helper()
+	_, p, _ := net.SplitHostPort(addr)
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func writeStat(t *testing.T, root string, pid int, content string) {
+	t.Helper()
+	dir := filepath.Join(root, strconv.Itoa(pid))
+	os.MkdirAll(dir, 0o755)
+	if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+

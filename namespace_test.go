@@ -1,0 +1,384 @@
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+// TestEndToEndInNamespaces runs the real binary the way a pod does: in a
+// network and PID namespace of its own, next to a dual-stack app whose
+// process is not its parent, with PID 1 a process it must never signal.
+func TestEndToEndInNamespaces(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI must run the namespace end-to-end test as root")
+		}
+		t.Skip("skipped: creating network and PID namespaces needs root (run as root, as CI does)")
+	}
+	for _, name := range []string{"calls", "timeout", "no-fifo", "wrapper"} {
+		t.Run(name, func(t *testing.T) {
+			cmd := exec.Command(os.Args[0], "-test.run=^TestNamespaceScenario$", "-test.v", "-test.count=1")
+			cmd.Env = append(os.Environ(), "WSDRAIN_NS_SCENARIO="+name)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWPID | syscall.CLONE_NEWNS}
+			out, err := cmd.CombinedOutput()
+			if err != nil || !strings.Contains(string(out), "--- PASS: TestNamespaceScenario") {
+				t.Fatalf("scenario %s failed: %v\n%s", name, err, out)
+			}
+			t.Logf("%s", out)
+		})
+	}
+}
+
+// TestNamespaceScenario is the inside of TestEndToEndInNamespaces.
+func TestNamespaceScenario(t *testing.T) {
+	name := os.Getenv("WSDRAIN_NS_SCENARIO")
+	if name == "" {
+		t.Skip("runs only inside the namespaces that TestEndToEndInNamespaces creates")
+	}
+	enterPodLikeNamespace(t)
+	pod := newNSPod(t)
+	switch name {
+	case "calls":
+		scenarioCalls(t, pod)
+	case "timeout":
+		scenarioTimeout(t, pod)
+	case "no-fifo":
+		scenarioNoFIFO(t, pod)
+	case "wrapper":
+		scenarioWrapper(t, pod)
+	default:
+		t.Fatalf("unknown scenario %q", name)
+	}
+}
+
+// scenarioCalls: readiness fails at once, the app is left alone while any
+// call is open, and is signalled within about one interval of the last one.
+func scenarioCalls(t *testing.T, pod *nsPod) {
+	pod.startApp(t, false)
+	pod.startProxy(t)
+	ipv4, ipv6 := pod.call(t, "127.0.0.1:8080"), pod.call(t, "[::1]:8080")
+	if out, err := wsdrainCmd("count", "--target-port", "8080").Output(); err != nil || strings.TrimSpace(string(out)) != "2" {
+		t.Fatalf("wsdrain count printed %q (%v); want 2 (an IPv4 call lives in tcp6)", out, err)
+	}
+	preStop := getDrain("http://127.0.0.1:8081")
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s")
+
+	began := time.Now()
+	waitFor(t, "readiness 503", func() bool { return status(t, "GET", "http://127.0.0.1:8081/") == 503 })
+	t.Logf("readiness 503 after %v", time.Since(began).Round(time.Millisecond))
+	if d := time.Since(began); d > 2*time.Second {
+		t.Errorf("readiness turned 503 only after %v", d)
+	}
+
+	time.Sleep(1500 * time.Millisecond)
+	pod.assertNotSignalled(t, "two calls open")
+	ipv4.echo(t)
+	ipv4.Close()
+	time.Sleep(time.Second)
+	pod.assertNotSignalled(t, "one call open")
+	select {
+	case r := <-preStop:
+		t.Fatalf("the app's preStop returned %q while a call was open", r)
+	default:
+	}
+	ipv6.echo(t)
+	ipv6.Close()
+	lastClosed := time.Now()
+
+	signalled := pod.waitSignalled(t)
+	t.Logf("app signalled %v after the last call closed", signalled.Sub(lastClosed).Round(time.Millisecond))
+	if d := signalled.Sub(lastClosed); d > 1200*time.Millisecond {
+		t.Errorf("app signalled %v after the last call; want about one 200ms interval", d)
+	}
+	pod.waitStopper(t, stopper, 0)
+	if r := <-preStop; !strings.HasPrefix(r, "200 ") {
+		t.Errorf("the app's preStop got %q, want 200", r)
+	}
+	pod.proxyLogHas(t, "count=2", "count=1", "count=0",
+		fmt.Sprintf(`msg="signalled app" source=stopper pid=%d`, pod.appPID), "signal=SIGTERM")
+}
+
+// scenarioTimeout: a call that outlives -timeout; the app still gets SIGTERM.
+func scenarioTimeout(t *testing.T, pod *nsPod) {
+	pod.startApp(t, false)
+	pod.startProxy(t)
+	call := pod.call(t, "127.0.0.1:8080")
+	began := time.Now()
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s", "--timeout", "2s")
+	signalled := pod.waitSignalled(t)
+	t.Logf("app signalled %v after the stopper started", signalled.Sub(began).Round(time.Millisecond))
+	if d := signalled.Sub(began); d < 2*time.Second || d > 4*time.Second {
+		t.Errorf("app signalled after %v; want at the 2s timeout", d)
+	}
+	call.Close()
+	pod.waitStopper(t, stopper, 0)
+	pod.proxyLogHas(t, "drain timeout", "connections=1", `msg="signalled app"`)
+}
+
+// scenarioNoFIFO: no proxy and no pipe; the stopper warns and still works.
+func scenarioNoFIFO(t *testing.T, pod *nsPod) {
+	pod.startApp(t, false)
+	call := pod.call(t, "[::1]:8080")
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s")
+	time.Sleep(time.Second)
+	pod.assertNotSignalled(t, "a call open")
+	call.Close()
+	pod.waitSignalled(t)
+	pod.waitStopper(t, stopper, 0)
+	if !strings.Contains(pod.stopperErr.String(), "could not tell the proxy to drain") {
+		t.Errorf("the stopper did not warn about the missing pipe:\n%s", pod.stopperErr)
+	}
+}
+
+// scenarioWrapper: the app runs under a shell that would not pass SIGTERM
+// on; the server process itself must get it.
+func scenarioWrapper(t *testing.T, pod *nsPod) {
+	pod.startApp(t, true)
+	pod.startProxy(t)
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s")
+	pod.waitSignalled(t)
+	pod.waitStopper(t, stopper, 0)
+	pod.proxyLogHas(t, fmt.Sprintf("pid=%d", pod.appPID))
+	if pod.appPID == pod.app.Process.Pid {
+		t.Fatal("the app was not behind a wrapper")
+	}
+}
+
+// nsPod is what a pod holds: an app, the proxy, a stopper, an emptyDir.
+type nsPod struct {
+	dir, fifo            string
+	app                  *exec.Cmd
+	appPID               int
+	appLines             chan string
+	proxyOut, stopperErr *syncBuffer
+}
+
+func newNSPod(t *testing.T) *nsPod {
+	dir := t.TempDir()
+	return &nsPod{dir: dir, fifo: filepath.Join(dir, "drain.fifo"), appLines: make(chan string, 16),
+		proxyOut: &syncBuffer{}, stopperErr: &syncBuffer{}}
+}
+
+func (p *nsPod) startApp(t *testing.T, wrapped bool) {
+	t.Helper()
+	p.app = exec.Command(os.Args[0], "--port", "8080")
+	if wrapped {
+		p.app = exec.Command("/bin/sh", "-c", `"$0" --port 8080; echo wrapper: app exited`, os.Args[0])
+	}
+	p.app.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
+	stdout, _ := p.app.StdoutPipe()
+	if err := p.app.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.app.Process.Kill(); p.app.Wait() })
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			p.appLines <- sc.Text()
+		}
+		close(p.appLines)
+	}()
+	line := <-p.appLines
+	if _, err := fmt.Sscanf(line, "listening pid=%d", &p.appPID); err != nil {
+		t.Fatalf("app did not start: %q", line)
+	}
+}
+
+func (p *nsPod) startProxy(t *testing.T) {
+	t.Helper()
+	cmd := wsdrainCmd("proxy", "--listen", ":8081", "--health-url", "http://127.0.0.1:8080/healthz", "--fifo", p.fifo)
+	cmd.Stdout, cmd.Stderr = p.proxyOut, p.proxyOut
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	waitFor(t, "the proxy to pass the app's health on", func() bool {
+		resp, err := http.Get("http://127.0.0.1:8081/")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+}
+
+func (p *nsPod) startStopper(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := wsdrainCmd(append([]string{"stopper", "--target-port", "8080", "--fifo", p.fifo}, args...)...)
+	cmd.Stderr = p.stopperErr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd
+}
+
+func (p *nsPod) waitStopper(t *testing.T, cmd *exec.Cmd, wantCode int) {
+	t.Helper()
+	err := cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != wantCode {
+		t.Fatalf("stopper exited %d (%v), want %d:\n%s", code, err, wantCode, p.stopperErr)
+	}
+}
+
+// assertNotSignalled checks the app has had no signal so far.
+func (p *nsPod) assertNotSignalled(t *testing.T, while string) {
+	t.Helper()
+	select {
+	case line := <-p.appLines:
+		t.Fatalf("app said %q with %s", line, while)
+	default:
+	}
+}
+
+// waitSignalled returns when the app reports a signal.
+func (p *nsPod) waitSignalled(t *testing.T) time.Time {
+	t.Helper()
+	select {
+	case line := <-p.appLines:
+		if line != "app: got terminated" {
+			t.Fatalf("app said %q, want a SIGTERM", line)
+		}
+		return time.Now()
+	case <-time.After(15 * time.Second):
+		t.Fatalf("app not signalled within 15s\nstopper:\n%s\nproxy:\n%s", p.stopperErr, p.proxyOut)
+	}
+	return time.Time{}
+}
+
+func (p *nsPod) proxyLogHas(t *testing.T, wants ...string) {
+	t.Helper()
+	for _, w := range wants {
+		if !strings.Contains(p.proxyOut.String(), w) {
+			t.Errorf("proxy log (kubectl logs) lacks %q:\n%s", w, p.proxyOut)
+		}
+	}
+}
+
+// testCall is a call: a connection upgraded by the app that echoes lines.
+type testCall struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (p *nsPod) call(t *testing.T, addr string) *testCall {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET /call HTTP/1.1\r\nHost: app\r\n\r\n")
+	call := &testCall{c, bufio.NewReader(c)}
+	if line, err := call.r.ReadString('\n'); err != nil || line != "connected\n" {
+		t.Fatalf("call to %s: %q %v", addr, line, err)
+	}
+	call.echo(t)
+	return call
+}
+
+func (c *testCall) echo(t *testing.T) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "hello\n")
+	if line, err := c.r.ReadString('\n'); err != nil || line != "hello\n" {
+		t.Fatalf("call did not echo: %q %v", line, err)
+	}
+}
+
+// enterPodLikeNamespace finishes what CLONE_NEWNET|NEWPID|NEWNS began: a
+// /proc of this PID namespace (else /proc/PID lists the host's) and lo up.
+func enterPodLikeNamespace(t *testing.T) {
+	if os.Getpid() != 1 {
+		t.Fatalf("not PID 1 of a new PID namespace (pid %d)", os.Getpid())
+	}
+	if err := syscall.Mount("", "/", "", syscall.MS_REC|syscall.MS_PRIVATE, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("proc", "/proc", "proc", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := setLoopbackUp(); err != nil {
+		t.Fatalf("lo up: %v", err)
+	}
+}
+
+func setLoopbackUp() error {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fd)
+	var ifr struct {
+		name  [syscall.IFNAMSIZ]byte
+		flags uint16
+		_     [22]byte
+	}
+	copy(ifr.name[:], "lo")
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), syscall.SIOCGIFFLAGS, uintptr(unsafe.Pointer(&ifr))); e != 0 {
+		return e
+	}
+	ifr.flags |= syscall.IFF_UP
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), syscall.SIOCSIFFLAGS, uintptr(unsafe.Pointer(&ifr))); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// runTestApp is the demo app: a dual-stack server whose /healthz answers
+// 200 and whose /call becomes a line echo, like a WebSocket call. It says
+// on stdout when it listens and which signal ended it.
+func runTestApp(args []string) int {
+	fs := flag.NewFlagSet("app", flag.ExitOnError)
+	port := fs.Int("port", 8080, "")
+	fs.Parse(args)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	ln, err := net.Listen("tcp", ":"+strconv.Itoa(*port))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {})
+	mux.HandleFunc("/call", serveEchoCall)
+	go http.Serve(ln, mux)
+	fmt.Printf("listening pid=%d\n", os.Getpid())
+	fmt.Printf("app: got %v\n", <-sigs)
+	return 0
+}
+
+func serveEchoCall(w http.ResponseWriter, r *http.Request) {
+	conn, rw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	rw.WriteString("connected\n")
+	rw.Flush()
+	for {
+		line, err := rw.ReadString('\n')
+		if err != nil {
+			return
+		}
+		rw.WriteString(line)
+		rw.Flush()
+	}
+}
+
+func testLogger(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandler(w, nil)) }
+

@@ -1,0 +1,404 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// testProxy is a real "wsdrain proxy" run in-process on a free port.
+type testProxy struct {
+	url    string
+	fifo   string
+	out    *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+func startProxy(t *testing.T, healthURL, fifo string, extra ...string) *testProxy {
+	t.Helper()
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &testProxy{url: "http://" + addr, fifo: fifo, out: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	args := append([]string{"proxy", "--listen", addr, "--health-url", healthURL, "--fifo", fifo}, extra...)
+	go func() { p.done <- run(ctx, args, p.out, p.out) }()
+	t.Cleanup(func() { p.stop(t) })
+	waitFor(t, "proxy to listen", func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return p
+}
+
+// stop cancels the proxy as SIGTERM would and checks that it exits cleanly.
+func (p *testProxy) stop(t *testing.T) {
+	t.Helper()
+	p.once.Do(func() {
+		p.cancel()
+		select {
+		case err := <-p.done:
+			if err != nil {
+				t.Errorf("proxy exited with %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("proxy did not stop within 10s of SIGTERM")
+		}
+	})
+}
+
+func (p *testProxy) send(t *testing.T, msg string) {
+	t.Helper()
+	if err := newFIFOWriter(p.fifo).send(msg); err != nil {
+		t.Fatalf("send %q: %v", msg, err)
+	}
+}
+
+// status asks the proxy as the kubelet's probe would.
+func status(t *testing.T, method, url string) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, nil)
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// fakeApp is the app's health endpoint; it records what reaches it.
+type fakeApp struct {
+	*httptest.Server
+	status atomic.Int64
+	hits   atomic.Int64
+	mu     sync.Mutex
+	seen   []string
+	open   atomic.Int64 // connections not yet closed
+}
+
+func newFakeApp(t *testing.T) *fakeApp {
+	a := &fakeApp{}
+	a.status.Store(200)
+	a.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.hits.Add(1)
+		a.mu.Lock()
+		a.seen = append(a.seen, r.Method+" "+r.URL.String())
+		a.mu.Unlock()
+		w.WriteHeader(int(a.status.Load()))
+		fmt.Fprint(w, "app says hello")
+	}))
+	a.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			a.open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			a.open.Add(-1)
+		}
+	}
+	a.Start()
+	t.Cleanup(a.Close)
+	return a
+}
+
+func TestProxyPassesTheAppsVerdict(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+
+	for _, want := range []int{200, 500, 204, 503} {
+		app.status.Store(int64(want))
+		if got := status(t, "GET", p.url+"/"); got != want {
+			t.Errorf("app answers %d: proxy answered %d", want, got)
+		}
+	}
+	app.status.Store(200)
+	if got := status(t, "HEAD", p.url+"/ready"); got != 200 {
+		t.Errorf("HEAD: got %d, want 200", got)
+	}
+	// Whatever path, query or method is asked, only the health URL is fetched.
+	status(t, "GET", p.url+"/admin/../secret?url=http://example.com/")
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	for _, s := range app.seen {
+		if s != "GET /healthz" {
+			t.Errorf("the app was asked %q; want only GET /healthz", s)
+		}
+	}
+}
+
+func TestProxyHoldsNoConnectionToTheApp(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	for range 5 {
+		status(t, "GET", p.url+"/")
+	}
+	// An idle keep-alive connection to the app's port would be counted by the
+	// stopper as a call that never ends.
+	waitFor(t, "connections to the app to close", func() bool { return app.open.Load() == 0 })
+}
+
+func TestProxyFailsWhenTheAppDoesNotAnswer(t *testing.T) {
+	hang := make(chan struct{})
+	hanging := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-hang }))
+	t.Cleanup(func() { close(hang); hanging.Close() })
+	down := "http://" + freeAddr(t) + "/healthz"
+
+	for name, url := range map[string]string{"down": down, "hanging": hanging.URL + "/healthz"} {
+		t.Run(name, func(t *testing.T) {
+			p := startProxy(t, url, filepath.Join(t.TempDir(), "drain.fifo"), "--health-timeout", "300ms")
+			start := time.Now()
+			got := status(t, "GET", p.url+"/")
+			// The kubelet gives a probe 1s by default; a verdict after that is
+			// the kubelet's timeout, not ours.
+			if took := time.Since(start); got < 400 || took > 900*time.Millisecond {
+				t.Errorf("got %d after %v; want a failing status well within 1s", got, took)
+			}
+		})
+	}
+}
+
+func TestProxyAnswers503OnceDraining(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	if got := status(t, "GET", p.url+"/"); got != 200 {
+		t.Fatalf("before the drain: %d, want 200", got)
+	}
+	p.send(t, "drain")
+	waitFor(t, "readiness to fail", func() bool { return status(t, "GET", p.url+"/") == 503 })
+	hits := app.hits.Load()
+	for range 3 {
+		if got := status(t, "GET", p.url+"/healthz"); got != 503 {
+			t.Errorf("after the drain: %d, want 503", got)
+		}
+	}
+	if app.hits.Load() != hits {
+		t.Errorf("the app was still asked after the drain began")
+	}
+	if !strings.Contains(p.out.String(), "drain begun") {
+		t.Errorf("the log does not say the drain began:\n%s", p.out)
+	}
+}
+
+func TestProxyRefusesOtherMethods(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	for _, m := range []string{"POST", "PUT", "DELETE", "OPTIONS"} {
+		if got := status(t, m, p.url+"/"); got != 405 {
+			t.Errorf("%s: %d, want 405", m, got)
+		}
+	}
+	if app.hits.Load() != 0 {
+		t.Errorf("a refused method reached the app")
+	}
+}
+
+func TestProxySurvivesGarbageOnTheFIFO(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	f, err := os.OpenFile(p.fifo, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	garbage := []string{"\x00\xff\xfe binary\n", "DRAIN now please\n", strings.Repeat("x", 100_000) + "\n", "log \x1b[2Jforged\n"}
+	for _, g := range garbage {
+		if _, err := f.WriteString(g); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := status(t, "GET", p.url+"/"); got != 200 {
+		t.Fatalf("garbage drained the proxy: %d", got)
+	}
+	f.WriteString("drain\n")
+	waitFor(t, "the drain after garbage", func() bool { return status(t, "GET", p.url+"/") == 503 })
+	if n := strings.Count(p.out.String(), "ignored message"); n != len(garbage) {
+		t.Errorf("logged %d ignored messages, want %d:\n%s", n, len(garbage), p.out)
+	}
+	if strings.Contains(p.out.String(), "\x1b") {
+		t.Errorf("a control character reached the log")
+	}
+}
+
+func TestProxyCopiesTheStoppersLog(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	p.send(t, `log level=INFO msg="signalled app" pid=42 source=stopper`)
+	waitFor(t, "the stopper's line in the log", func() bool {
+		return strings.Contains(p.out.String(), "\n"+`level=INFO msg="signalled app" pid=42 source=stopper`+"\n")
+	})
+}
+
+func TestProxyRestartStartsReady(t *testing.T) {
+	app := newFakeApp(t)
+	fifo := filepath.Join(t.TempDir(), "drain.fifo")
+	first := startProxy(t, app.URL+"/healthz", fifo)
+	first.send(t, "drain")
+	waitFor(t, "the first proxy to drain", func() bool { return status(t, "GET", first.url+"/") == 503 })
+	first.stop(t)
+
+	second := startProxy(t, app.URL+"/healthz", fifo)
+	if got := status(t, "GET", second.url+"/"); got != 200 {
+		t.Fatalf("a restarted proxy answered %d; want 200 (drain state must not persist)", got)
+	}
+}
+
+func TestProxyRefusesAPathThatIsNotAFIFO(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "drain.fifo")
+	os.WriteFile(path, []byte("precious"), 0o600)
+	var out syncBuffer
+	err := run(context.Background(), []string{"proxy", "--listen", freeAddr(t), "--fifo", path}, &out, &out)
+	if err == nil || !strings.Contains(err.Error(), "not a named pipe") {
+		t.Fatalf("err = %v; want a refusal", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "precious" {
+		t.Fatalf("the file was changed to %q", b)
+	}
+}
+
+// getDrain starts the app's preStop request and returns its result later.
+func getDrain(url string) <-chan string {
+	result := make(chan string, 1)
+	go func() {
+		resp, err := http.Get(url + "/drain")
+		if err != nil {
+			result <- err.Error()
+			return
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		result <- fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	}()
+	return result
+}
+
+func TestDrainPathWaitsForTheStopper(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "1s")
+	released := getDrain(p.url)
+	p.send(t, "drain")
+	// Past -drain-start-wait: a drain began, so it must keep waiting.
+	select {
+	case r := <-released:
+		t.Fatalf("GET /drain answered %q before the stopper was done", r)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	p.send(t, "done")
+	select {
+	case r := <-released:
+		if !strings.HasPrefix(r, "200 ") {
+			t.Fatalf("GET /drain answered %q, want 200", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("GET /drain still waiting after the stopper reported done")
+	}
+	if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
+		t.Errorf("a repeated GET /drain answered %q, want 200 at once", r)
+	}
+}
+
+func TestDrainPathReleasedWithoutADrain(t *testing.T) {
+	// The app's preStop also runs when only the app container restarts;
+	// then no stopper runs and the restart must not wait for the grace period.
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "300ms")
+	select {
+	case r := <-getDrain(p.url):
+		if !strings.HasPrefix(r, "200 ") || !strings.Contains(r, "no drain") {
+			t.Fatalf("GET /drain answered %q", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("GET /drain kept waiting with no drain begun")
+	}
+	if got := status(t, "GET", p.url+"/"); got != 200 {
+		t.Errorf("readiness after a released /drain: %d, want 200", got)
+	}
+}
+
+func TestDrainPathReleasedOnShutdown(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	released := getDrain(p.url)
+	waitFor(t, "the waiter to register", func() bool { return strings.Contains(p.out.String(), "app preStop waiting") })
+	p.stop(t)
+	if r := <-released; !strings.HasPrefix(r, "200 ") {
+		t.Fatalf("GET /drain on shutdown answered %q, want 200", r)
+	}
+}
+
+func TestFIFOWriterNeverBlocks(t *testing.T) {
+	dir := t.TempDir()
+	if err := newFIFOWriter(filepath.Join(dir, "absent")).send("drain"); err == nil {
+		t.Error("send to a missing FIFO: nil error")
+	}
+	path := filepath.Join(dir, "drain.fifo")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := newFIFOWriter(path).send("drain")
+	if err == nil || !strings.Contains(err.Error(), "no reader") {
+		t.Errorf("send with no reader: %v; want a no-reader error", err)
+	}
+	regular := filepath.Join(dir, "file")
+	os.WriteFile(regular, nil, 0o600)
+	if err := newFIFOWriter(regular).send("drain"); err == nil {
+		t.Error("send to a regular file: nil error")
+	}
+	if b, _ := os.ReadFile(regular); len(b) != 0 {
+		t.Errorf("a regular file was written: %q", b)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// freeAddr returns a loopback address nothing listens on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
