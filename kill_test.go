@@ -150,4 +150,3 @@ func writeStat(t *testing.T, root string, pid int, content string) {
 		t.Fatal(err)
 	}
 }
-

@@ -381,4 +381,3 @@ func serveEchoCall(w http.ResponseWriter, r *http.Request) {
 }
 
 func testLogger(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandler(w, nil)) }
-
