@@ -7,7 +7,7 @@ set -euo pipefail
 
 version=${1:?usage: build-k8s.sh VERSION OUTDIR}
 out=${2:?usage: build-k8s.sh VERSION OUTDIR}
-bins=(kubelet kube-apiserver kube-controller-manager kube-scheduler)
+bins=(kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl)
 
 have_all() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if have_all; then exit 0; fi

@@ -1,0 +1,421 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// rollingUpdate: a call on pod A survives "kubectl rollout restart"; A turns
+// unready at once, and is gone soon after the call ends.
+func (r *run) rollingUpdate() error {
+	pod, ip, err := r.pickPod()
+	if err != nil {
+		return err
+	}
+	logs := r.followLogs(pod)
+	c, err := startCall(ip)
+	if err != nil {
+		return err
+	}
+	r.logf("call started to %s (%s)", pod, ip)
+	time.Sleep(2 * time.Second)
+	if _, err := r.kubectl("rollout", "restart", "deployment/voicebot"); err != nil {
+		return err
+	}
+	r.logf("kubectl rollout restart deployment/voicebot")
+	deleting, err := r.w.waitEvent("deleting", pod, r.start, 5*time.Minute)
+	if err != nil {
+		return err
+	}
+	notServing, err := r.w.waitEvent("not-serving", pod, deleting.at, 30*time.Second)
+	if err != nil {
+		return err
+	}
+	d := notServing.at.Sub(deleting.at)
+	r.check("old pod unready (EndpointSlice serving=false) within 3s of its deletion", d <= 3*time.Second, "%s", ms(d))
+
+	end := deleting.at.Add(10 * time.Second)
+	time.Sleep(time.Until(end))
+	stats := c.end()
+	ended := time.Now()
+	r.logf("call ended by the client: %d sent, %d echoed", stats.sent, stats.echoed)
+	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	d = gone.at.Sub(ended)
+	r.check("old pod gone within 3s of the call's end (aim: under 2s)", d <= 3*time.Second, "%s", ms(d))
+	r.check("no echo lost during the rolling update", stats.err == nil && stats.sent == stats.echoed && stats.sent > 50,
+		"%d sent, %d echoed, error %v", stats.sent, stats.echoed, stats.err)
+	if _, err := r.kubectl("rollout", "status", "deployment/voicebot", "--timeout=240s"); err != nil {
+		return err
+	}
+	r.check("new pods ready after the rollout", len(r.w.readyPods()) == 2, "%d ready", len(r.w.readyPods()))
+	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: logs.wait()})
+	return nil
+}
+
+// idlePod: no calls; the pod is gone within --min-drain + 3s, and the
+// proxy's probes to the app's health endpoint (on the call port) are not
+// counted as calls.
+func (r *run) idlePod() error {
+	pod, _, err := r.pickPod()
+	if err != nil {
+		return err
+	}
+	logs := r.followLogs(pod)
+	time.Sleep(2 * time.Second) // let readiness probes run through the proxy
+	deleted := time.Now()
+	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
+		return err
+	}
+	r.logf("kubectl delete pod %s", pod)
+	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	d := gone.at.Sub(deleted)
+	r.check("idle pod gone within --min-drain (5s) + 3s of the delete", d <= 8*time.Second, "%s", ms(d))
+	out := logs.wait()
+	r.check("health checks on the call port are not counted (drain reached zero)",
+		strings.Contains(out, `msg="no connections left"`) && !strings.Contains(out, "count=1"),
+		"stopper log: %s", firstLine(out, "no connections left"))
+	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+	return r.waitReady(2)
+}
+
+// wrapper: the app runs under "sh -c", which does not pass SIGTERM on; the
+// stopper must signal the server process itself.
+func (r *run) wrapper() error {
+	if err := r.deploy("app behind a shell wrapper", r.wrapped, false); err != nil {
+		return err
+	}
+	if err := r.waitReady(2); err != nil {
+		return err
+	}
+	pod, ip, err := r.pickPod()
+	if err != nil {
+		return err
+	}
+	logs := r.followLogs(pod)
+	c, err := startCall(ip)
+	if err != nil {
+		return err
+	}
+	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
+		return err
+	}
+	r.logf("kubectl delete pod %s (call open)", pod)
+	time.Sleep(7 * time.Second)
+	stats := c.end()
+	ended := time.Now()
+	r.logf("call ended by the client: %d sent, %d echoed", stats.sent, stats.echoed)
+	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	d := gone.at.Sub(ended)
+	out := logs.wait()
+	r.check("wrapped app: pod gone within 3s of the call's end", d <= 3*time.Second, "%s", ms(d))
+	r.check("wrapped app: the server process, not the shell, got SIGTERM",
+		strings.Contains(out, "process=wsapp signal=SIGTERM"), "%s", firstLine(out, "signalled app"))
+	r.check("wrapped app: no echo lost", stats.err == nil && stats.sent == stats.echoed, "%d sent, %d echoed, error %v", stats.sent, stats.echoed, stats.err)
+	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+	return nil
+}
+
+// timeout: a call outlives the stopper's --timeout; the app gets SIGTERM
+// (exits by itself, not 137) before the grace period ends.
+func (r *run) timeout() error {
+	if err := r.deploy("timeout case: grace 40s, stopper --timeout 25s", r.appImage, true); err != nil {
+		return err
+	}
+	if err := r.waitReady(2); err != nil {
+		return err
+	}
+	pod, ip, err := r.pickPod()
+	if err != nil {
+		return err
+	}
+	logs := r.followLogs(pod)
+	c, err := startCall(ip)
+	if err != nil {
+		return err
+	}
+	deleted := time.Now()
+	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
+		return err
+	}
+	r.logf("kubectl delete pod %s (the call never ends by itself)", pod)
+	exited, err := r.waitAppExit(pod, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	stats := c.wait()
+	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	out := logs.wait()
+	r.check("timeout: app exited by SIGTERM, not SIGKILL, before the 40s grace",
+		strings.Contains(exited.detail, "exitCode=0") && exited.at.Sub(deleted) < 40*time.Second,
+		"app %s at %s", exited.detail, ms(exited.at.Sub(deleted)))
+	r.check("timeout: kubectl logs -c wsdrain tells it",
+		strings.Contains(out, "drain timeout") && strings.Contains(out, "connections=1") && strings.Contains(out, "signal=SIGTERM"),
+		"%s", firstLine(out, "drain timeout"))
+	r.check("timeout: the call was closed by the app (going away), not reset",
+		websocket.IsCloseError(stats.err, websocket.CloseGoingAway), "%v after %d echoes", stats.err, stats.echoed)
+	r.check("timeout: pod gone before the grace period ends", gone.at.Sub(deleted) < 40*time.Second, "%s", ms(gone.at.Sub(deleted)))
+	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+	return nil
+}
+
+func (r *run) waitAppExit(pod string, timeout time.Duration) (event, error) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if e, ok := r.w.eventDetail("exited", pod, "container=app "); ok {
+			return e, nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return event{}, fmt.Errorf("app container of %s did not exit within %v", pod, timeout)
+}
+
+func (r *run) waitReady(n int) error {
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if len(r.w.readyPods()) >= n {
+			return nil
+		}
+	}
+	return fmt.Errorf("fewer than %d ready pods after 3 minutes", n)
+}
+
+// pickPod returns a ready pod, the first by name.
+func (r *run) pickPod() (string, string, error) {
+	if err := r.waitReady(1); err != nil {
+		return "", "", err
+	}
+	pods := r.w.readyPods()
+	names := make([]string, 0, len(pods))
+	for n := range pods {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names[0], pods[names[0]], nil
+}
+
+// preStopCheck pairs a terminated pod with its wsdrain log.
+type preStopCheck struct {
+	pod, logs string
+}
+
+var (
+	kubeletHook = regexp.MustCompile(`^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6}).*"PreStop hook completed".*pod="default/([^"]+)".*containerName="([^"]+)"`)
+	appExited   = regexp.MustCompile(`time=(\S+) level=INFO msg="(app exited|signalled app)"`)
+)
+
+// checkPreStops compares, per pod, when the kubelet says the app's preStop
+// completed with when the stopper signalled the app.
+func (r *run) checkPreStops() {
+	hooks := r.kubeletHookLines()
+	for _, pc := range r.preStops {
+		var signalled time.Time
+		for _, m := range appExited.FindAllStringSubmatch(pc.logs, -1) {
+			if m[2] == "signalled app" {
+				signalled, _ = time.Parse(time.RFC3339Nano, m[1])
+			}
+		}
+		completed, ok := hooks[pc.pod+"/app"]
+		for _, line := range hooks[pc.pod+"/lines"] {
+			fmt.Println("  kubelet:", line)
+		}
+		if !ok || signalled.IsZero() {
+			r.check("app preStop completed promptly, "+pc.pod, false, "kubelet hook line found %v, stopper signal found %v", ok, !signalled.IsZero())
+			continue
+		}
+		at, _ := time.ParseInLocation("2006 0102 15:04:05.000000", fmt.Sprintf("%d %s", time.Now().Year(), completed[0]), time.Local)
+		d := at.Sub(signalled)
+		r.check("app preStop completed within 2s of the app's signal, "+pc.pod, d > -2*time.Second && d < 2*time.Second, "%s after", ms(d))
+	}
+}
+
+// kubeletHookLines maps "pod/container" to the completion time and
+// "pod/lines" to the kubelet's hook lines.
+func (r *run) kubeletHookLines() map[string][]string {
+	out := map[string][]string{}
+	f, err := os.Open(r.kubeletLog)
+	if err != nil {
+		return out
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(strings.ToLower(line), "prestop hook") {
+			continue
+		}
+		for _, pc := range r.preStops {
+			if strings.Contains(line, pc.pod) {
+				out[pc.pod+"/lines"] = append(out[pc.pod+"/lines"], shorten(line))
+			}
+		}
+		if m := kubeletHook.FindStringSubmatch(line); m != nil {
+			out[m[2]+"/"+m[3]] = []string{m[1]}
+		}
+	}
+	return out
+}
+
+// logFollower collects "kubectl logs -f POD -c wsdrain" until it ends.
+type logFollower struct {
+	buf  *bytes.Buffer
+	mu   *sync.Mutex
+	done chan struct{}
+}
+
+func (r *run) followLogs(pod string) *logFollower {
+	lf := &logFollower{buf: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan struct{})}
+	cmd := exec.Command(r.config.kubectl, "--kubeconfig", r.kubeconfig, "logs", "-f", pod, "-c", "wsdrain")
+	cmd.Stdout = lockedWriter{lf}
+	cmd.Stderr = lockedWriter{lf}
+	if err := cmd.Start(); err != nil {
+		close(lf.done)
+		return lf
+	}
+	go func() { cmd.Wait(); close(lf.done) }()
+	return lf
+}
+
+func (lf *logFollower) wait() string {
+	select {
+	case <-lf.done:
+	case <-time.After(90 * time.Second):
+	}
+	lf.mu.Lock()
+	defer lf.mu.Unlock()
+	out := lf.buf.String()
+	fmt.Print(indent("  wsdrain log: ", out))
+	return out
+}
+
+type lockedWriter struct{ lf *logFollower }
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.lf.mu.Lock()
+	defer w.lf.mu.Unlock()
+	return w.lf.buf.Write(p)
+}
+
+func (r *run) kubectl(args ...string) (string, error) {
+	out, err := exec.Command(r.config.kubectl, append([]string{"--kubeconfig", r.kubeconfig}, args...)...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out), nil
+}
+
+// call is a WebSocket call that sends a message every 100ms and checks
+// that each one is echoed.
+type call struct {
+	conn  *websocket.Conn
+	stop  chan struct{}
+	done  chan callStats
+	stats callStats
+}
+
+type callStats struct {
+	sent, echoed int
+	err          error
+}
+
+func startCall(ip string) (*call, error) {
+	conn, _, err := websocket.DefaultDialer.Dial("ws://"+ip+":8080/ws", nil)
+	if err != nil {
+		return nil, fmt.Errorf("call to %s: %w", ip, err)
+	}
+	c := &call{conn: conn, stop: make(chan struct{}), done: make(chan callStats, 1)}
+	go c.loop()
+	return c, nil
+}
+
+func (c *call) loop() {
+	var s callStats
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	defer func() { c.conn.Close(); c.done <- s }()
+	for {
+		select {
+		case <-c.stop:
+			c.conn.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, "call over"), time.Now().Add(time.Second))
+			return
+		case <-tick.C:
+		}
+		msg := fmt.Sprintf("frame %d", s.sent)
+		if s.err = c.conn.WriteMessage(websocket.TextMessage, []byte(msg)); s.err != nil {
+			return
+		}
+		s.sent++
+		c.conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, got, err := c.conn.ReadMessage()
+		if err != nil {
+			s.err = err
+			return
+		}
+		if string(got) == msg {
+			s.echoed++
+		}
+	}
+}
+
+// end closes the call normally and returns its figures.
+func (c *call) end() callStats {
+	close(c.stop)
+	return <-c.done
+}
+
+// wait returns the figures once the server has ended the call.
+func (c *call) wait() callStats {
+	select {
+	case s := <-c.done:
+		return s
+	case <-time.After(60 * time.Second):
+		return c.end()
+	}
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+func firstLine(text, containing string) string {
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, containing) {
+			return l
+		}
+	}
+	return "(no line with " + containing + ")"
+}
+
+func indent(prefix, text string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(strings.TrimRight(text, "\n"), "\n") {
+		b.WriteString(prefix + l + "\n")
+	}
+	return b.String()
+}
+
+func shorten(s string) string {
+	if len(s) > 220 {
+		return s[:220] + "…"
+	}
+	return s
+}
