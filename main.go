@@ -93,7 +93,7 @@ func runMode(ctx context.Context, mode string, rest []string, stdout, stderr io.
 	case "stopper":
 		return runStopper(ctx, rest, stdout, stderr)
 	case "count":
-		return runCount(rest, stdout)
+		return runCount(rest, stdout, stderr)
 	case "version":
 		fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
 		return nil

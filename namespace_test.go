@@ -72,8 +72,18 @@ func scenarioCalls(t *testing.T, pod *nsPod) {
 	pod.startApp(t, false)
 	pod.startProxy(t)
 	ipv4, ipv6 := pod.call(t, "127.0.0.1:8080"), pod.call(t, "[::1]:8080")
-	if out, err := wsdrainCmd("count", "--target-port", "8080").Output(); err != nil || strings.TrimSpace(string(out)) != "2" {
-		t.Fatalf("wsdrain count printed %q (%v); want 2 (an IPv4 call lives in tcp6)", out, err)
+	for _, source := range []string{"netlink", "proc"} {
+		out, err := wsdrainCmd("count", "--target-port", "8080", "--source", source).Output()
+		if err != nil || strings.TrimSpace(string(out)) != "2" {
+			t.Fatalf("wsdrain count --source %s printed %q (%v); want 2 (an IPv4 call lives in tcp6)", source, out, err)
+		}
+	}
+	// sock_diag needs no privilege in the caller's own network namespace.
+	nobody := exec.Command(copyForAnyUser(t, os.Args[0]), "count", "--target-port", "8080", "--source", "netlink")
+	nobody.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=wsdrain")
+	nobody.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if out, err := nobody.Output(); err != nil || strings.TrimSpace(string(out)) != "2" {
+		t.Fatalf("wsdrain count --source netlink as uid 65534 printed %q (%v); want 2", out, err)
 	}
 	preStop := getDrain("http://127.0.0.1:8081")
 	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s")
@@ -109,7 +119,7 @@ func scenarioCalls(t *testing.T, pod *nsPod) {
 	if r := <-preStop; !strings.HasPrefix(r, "200 ") {
 		t.Errorf("the app's preStop got %q, want 200", r)
 	}
-	pod.proxyLogHas(t, "count=2", "count=1", "count=0",
+	pod.proxyLogHas(t, "source=netlink", "count=2", "count=1", "count=0",
 		fmt.Sprintf(`msg="signalled app" source=stopper pid=%d`, pod.appPID), "signal=SIGTERM")
 }
 
@@ -267,6 +277,25 @@ func (p *nsPod) proxyLogHas(t *testing.T, wants ...string) {
 			t.Errorf("proxy log (kubectl logs) lacks %q:\n%s", w, p.proxyOut)
 		}
 	}
+}
+
+// copyForAnyUser copies a binary where an unprivileged user may run it:
+// the go test build directory is private to root.
+func copyForAnyUser(t *testing.T, path string) string {
+	t.Helper()
+	dir := t.TempDir()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "wsdrain")
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for d := dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	return bin
 }
 
 // testCall is a call: a connection upgraded by the app that echoes lines.

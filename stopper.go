@@ -43,6 +43,9 @@ flags:
   -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
   -exit-wait D            after signalling, how long to wait for the app to exit
                           (default 10s)
+  -source S               where counts come from: netlink (sock_diag, the kernel
+                          filters), proc (/proc/net/tcp and tcp6), or auto:
+                          netlink unless refused, then proc (default auto)
 
 exit status: 0 when the app was signalled (or a previous run already did),
 1 when no target was found or it could not be signalled, 2 for bad usage.
@@ -57,6 +60,7 @@ type stopperConfig struct {
 	exitWait      time.Duration
 	targetProcess string
 	signal        syscall.Signal
+	source        sourceFlag
 }
 
 func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
@@ -74,6 +78,8 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	fs.Var(&exitWait, "exit-wait", "")
 	target := fs.String("target-process", "", "")
 	sigName := fs.String("signal", "TERM", "")
+	source := sourceFlag("auto")
+	fs.Var(&source, "source", "")
 	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
 		return stopperConfig{}, err
 	}
@@ -81,7 +87,7 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	if err != nil {
 		return stopperConfig{}, err
 	}
-	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig}, nil
+	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig, source}, nil
 }
 
 // runStopper wires the stopper to the real kernel tables, /proc and pipe.
@@ -97,10 +103,15 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
 	))
 	fs := procFS{root: "/proc"}
-	source := newProcSource()
+	source, err := openSource(cfg.source, log.Warn)
+	if err != nil {
+		log.Error("cannot count connections", "err", err)
+		return err
+	}
 	s := &stopper{
 		cfg:    cfg,
 		log:    log,
+		source: source.name(),
 		count:  func() (int, error) { return source.established(cfg.port) },
 		notify: pipe.send,
 		now:    time.Now,
@@ -120,6 +131,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 type stopper struct {
 	cfg    stopperConfig
 	log    *slog.Logger
+	source string // where counts come from, for the log
 	count  func() (int, error)
 	notify func(msg string) error
 	now    func() time.Time
@@ -133,7 +145,7 @@ type stopper struct {
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
-		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout)
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "source", s.source)
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
 	}
@@ -308,18 +320,26 @@ example:
 
 flags:
   -target-port N   the app's port (default 8080)
+  -source S        netlink, proc or auto (default auto: netlink unless refused)
 
 exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
 `
 
-func runCount(args []string, stdout io.Writer) error {
+func runCount(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("count", flag.ContinueOnError)
 	port := portFlag(8080)
 	fs.Var(&port, "target-port", "")
+	source := sourceFlag("auto")
+	fs.Var(&source, "source", "")
 	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
 		return err
 	}
-	n, err := newProcSource().established(uint16(port))
+	warn := func(msg string, args ...any) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, args[1]) }
+	src, err := openSource(source, warn)
+	if err != nil {
+		return fmt.Errorf("count: %w", err)
+	}
+	n, err := src.established(uint16(port))
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}
