@@ -18,6 +18,8 @@ func TestMain(m *testing.M) {
 		main()
 	case "app":
 		os.Exit(runTestApp(os.Args[1:]))
+	case "holder":
+		os.Exit(runBenchHolder(os.Args[1:]))
 	}
 	os.Exit(m.Run())
 }

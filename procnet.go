@@ -95,7 +95,7 @@ func (p *procSource) eachTable(fn func(path string, r io.Reader) error) error {
 func (p *procSource) countEstablished(r io.Reader, port uint16) (int, error) {
 	want := hexPort(port)
 	n := 0
-	err := p.eachRow(r, func(row tableRow) {
+	err := p.eachRow(r, false, func(row tableRow) {
 		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateEstablished {
 			n++
 		}
@@ -109,7 +109,7 @@ func (p *procSource) countEstablished(r io.Reader, port uint16) (int, error) {
 // listenInodes appends to inodes the socket inodes of LISTEN rows on port.
 func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]uint64, error) {
 	want := hexPort(port)
-	err := p.eachRow(r, func(row tableRow) {
+	err := p.eachRow(r, true, func(row tableRow) {
 		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateListen {
 			inodes = append(inodes, row.inode)
 		}
@@ -124,10 +124,11 @@ type tableRow struct {
 	inode     uint64
 }
 
-// eachRow checks the header and calls fn for every row. Any line it cannot
+// eachRow checks the header and calls fn for every row, with its inode if
+// withInode. Any line it cannot
 // parse fails the whole table: a count read from a damaged table must be
 // "unknown", never a number that could be zero.
-func (p *procSource) eachRow(r io.Reader, fn func(tableRow)) error {
+func (p *procSource) eachRow(r io.Reader, withInode bool, fn func(tableRow)) error {
 	p.br.Reset(r)
 	defer p.br.Reset(nil)
 	header, err := p.readLine()
@@ -145,7 +146,7 @@ func (p *procSource) eachRow(r io.Reader, fn func(tableRow)) error {
 		if err != nil {
 			return fmt.Errorf("line %d: %w", lineNo, err)
 		}
-		row, ok := parseRow(line)
+		row, ok := parseRow(line, withInode)
 		if !ok {
 			return fmt.Errorf("%w: line %d: %q", errMalformed, lineNo, preview(line))
 		}
@@ -173,18 +174,14 @@ func (p *procSource) readLine() ([]byte, error) {
 }
 
 // parseRow splits "sl local rem st tx:rx tr:when retrnsmt uid timeout inode …"
-// by runs of spaces, not by column: the sl column widens past 9999 rows.
-func parseRow(line []byte) (tableRow, bool) {
-	var f [10][]byte
-	rest := line
-	for i := range f {
-		f[i], rest = nextField(rest)
-		if len(f[i]) == 0 {
-			return tableRow{}, false
-		}
-	}
-	sl, local, state, inode := f[0], f[1], f[3], f[9]
-	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) {
+// by runs of spaces, not by column: the sl column widens past 9999 rows. A
+// count needs the first four fields; withInode reads on to the tenth.
+func parseRow(line []byte, withInode bool) (tableRow, bool) {
+	sl, rest := nextField(line)
+	local, rest := nextField(rest)
+	remote, rest := nextField(rest)
+	state, rest := nextField(rest)
+	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) || len(remote) == 0 {
 		return tableRow{}, false
 	}
 	// local is ADDR:PORT in hex: 8 digits for IPv4, 32 for IPv6 (where an
@@ -193,10 +190,22 @@ func parseRow(line []byte) (tableRow, bool) {
 	if (addrLen != 8 && addrLen != 32) || local[addrLen] != ':' || !isHex(local[:addrLen]) || !isHex(local[addrLen+1:]) {
 		return tableRow{}, false
 	}
-	if len(state) != 2 || !isHex(state) || !isDigits(inode) || len(inode) > 19 {
+	if len(state) != 2 || !isHex(state) {
 		return tableRow{}, false
 	}
-	return tableRow{localPort: local[addrLen+1:], state: state, inode: parseDigits(inode)}, true
+	row := tableRow{localPort: local[addrLen+1:], state: state}
+	if !withInode {
+		return row, true
+	}
+	var inode []byte
+	for range 6 {
+		inode, rest = nextField(rest)
+	}
+	if !isDigits(inode) || len(inode) > 19 {
+		return tableRow{}, false
+	}
+	row.inode = parseDigits(inode)
+	return row, true
 }
 
 // nextField returns the first space-separated field of s and what follows it.

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# bench/run.sh: CPU and allocations per connection count, for N established
+# loopback connections in a private network namespace, and the proxy's
+# footprint. Prints the table that BENCHMARKS.md records. Needs root (for the
+# namespace), Go, and ss from iproute2.
+#   ./bench/run.sh [N ...]      default: 1000 10000 50000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench: needs root to create a network namespace" >&2; exit 1; }
+command -v ss >/dev/null || { echo "bench: needs ss (apt-get install iproute2)" >&2; exit 1; }
+sizes=("${@:-1000}")
+[ $# -gt 0 ] || sizes=(1000 10000 50000)
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+go build -trimpath -ldflags "-s -w" -o "$T/wsdrain" .
+go test -c -o "$T/wsdrain.test" .
+PORT=8080
+PER_HOLDER=8000 # two fds a connection: under the hard limit of 20 000 open files
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r), $(go version | cut -d' ' -f3)"
+for n in "${sizes[@]}"; do
+  echo
+  echo "== $n established connections on port $PORT (plus their $n client ends)"
+  unshare --net bash -s "$n" "$T" "$PORT" "$PER_HOLDER" <<'INNER'
+set -euo pipefail
+n=$1 T=$2 PORT=$3 PER=$4
+ip link set lo up
+holders=()
+left=$n k=0
+while [ "$left" -gt 0 ]; do
+  m=$(( left < PER ? left : PER ))
+  # Each holder has its own loopback address, so ephemeral ports never run short.
+  WSDRAIN_TEST_ROLE=holder "$T/wsdrain.test" "127.0.0.$((k + 2)):$PORT" "$m" > "$T/holder.$k" &
+  holders+=($!)
+  until grep -q ready "$T/holder.$k"; do
+    kill -0 "${holders[-1]}" 2>/dev/null || { echo "holder $k failed" >&2; exit 1; }
+    sleep 0.2
+  done
+  left=$((left - m)) k=$((k + 1))
+done
+echo "holders: $k processes; ss counts $(ss -Htn state established "( sport = :$PORT )" | wc -l)"
+cd "$T"
+WSDRAIN_BENCH_PORT=$PORT WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.benchmem \
+  -test.bench 'Count|Process|ReadProc' -test.benchtime 2s -test.count 3 | grep -E '^Benchmark' | tee "$T/out.txt"
+# The median of three runs of each, as the machine's noise is a few per cent.
+awk '
+  { name = $1; sub(/-[0-9]+$/, "", name); sub(/^Benchmark/, "", name)
+    for (i = 3; i < NF; i++) if ($(i+1) == "cpu-ms/op") v[name, ++n[name]] = $i }
+  END {
+    for (k in n) { a = v[k, 1]; b = v[k, 2]; c = v[k, 3]
+      cpu[k] = (a > b) ? ((b > c) ? b : ((a > c) ? c : a)) : ((a > c) ? a : ((b > c) ? c : b)) }
+    printf "median cpu-ms per count:"
+    for (k in cpu) printf " %s=%s", k, cpu[k]
+    printf "\n"
+    nl = cpu["CountNetlink"]; pr = cpu["CountProc"]; nv = cpu["CountNaive"]
+    rd = cpu["ReadProcDiscard"]; ws = cpu["ProcessWsdrainCount"]; ss = cpu["ProcessSS"]
+    printf "ratios: /proc path / netlink %.1fx; naive / netlink %.1fx; /proc path / read-and-discard %.2f; ss / wsdrain count %.1fx\n", pr / nl, nv / nl, pr / rd, ss / ws
+  }' "$T/out.txt"
+kill "${holders[@]}"
+wait
+INNER
+done
+
+echo
+echo "== the proxy: one readiness probe direct to the app vs through wsdrain proxy, 10 000 each"
+(cd "$T" && WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.bench 'Probe' -test.benchtime 10000x | grep -E '^Benchmark')

@@ -1,0 +1,296 @@
+package main
+
+// Benchmarks of counting and of the proxy. bench/run.sh runs them against
+// N live connections in a private network namespace and prints the table in
+// BENCHMARKS.md; run alone, they measure the few sockets of this namespace.
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// benchPort is the port bench/run.sh filled with connections.
+func benchPort(b *testing.B) uint16 {
+	if p, err := strconv.Atoi(os.Getenv("WSDRAIN_BENCH_PORT")); err == nil {
+		return uint16(p)
+	}
+	return 8080
+}
+
+// cpuTime is this process's user+system CPU time so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// benchCount runs count b.N times and reports CPU time per count and what
+// was counted, in unit.
+func benchCount(b *testing.B, unit string, count func(uint16) (int, error)) {
+	port := benchPort(b)
+	want, err := count(port)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := cpuTime()
+	for range b.N {
+		if n, err := count(port); err != nil || n < want/2 {
+			b.Fatalf("count = %d, %v", n, err)
+		}
+	}
+	b.ReportMetric(float64(cpuTime()-start)/float64(b.N)/1e6, "cpu-ms/op")
+	b.ReportMetric(float64(want), unit)
+}
+
+func BenchmarkCountNetlink(b *testing.B) {
+	nl, err := newNetlinkSource()
+	if err != nil {
+		b.Skip(err)
+	}
+	defer nl.close()
+	benchCount(b, "conns", nl.established)
+}
+
+// BenchmarkReadProcDiscard is the floor for any /proc parser: reading the
+// tables through the same buffer and throwing the bytes away.
+func BenchmarkReadProcDiscard(b *testing.B) {
+	buf := make([]byte, 64<<10)
+	benchCount(b, "bytes", func(uint16) (int, error) {
+		total := 0
+		for _, path := range procTables {
+			f, err := os.Open(path)
+			if err != nil {
+				return 0, err
+			}
+			for {
+				n, err := f.Read(buf)
+				total += n
+				if err != nil {
+					break
+				}
+			}
+			f.Close()
+		}
+		return total, nil
+	})
+}
+
+func BenchmarkCountProc(b *testing.B) { benchCount(b, "conns", newProcSource().established) }
+
+// BenchmarkCountNaive is the baseline: the parser of the write-up this tool
+// started from (bufio.Scanner and strings.Fields), given tcp6 as well.
+func BenchmarkCountNaive(b *testing.B) { benchCount(b, "conns", naiveCount) }
+
+func naiveCount(port uint16) (int, error) {
+	want := fmt.Sprintf("%04X", port)
+	n := 0
+	for _, path := range procTables {
+		f, err := os.Open(path)
+		if err != nil {
+			return 0, err
+		}
+		sc := bufio.NewScanner(f)
+		sc.Scan()
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) < 10 {
+				continue
+			}
+			parts := strings.Split(fields[1], ":")
+			if len(parts) == 2 && fields[3] == "01" && strings.ToUpper(parts[1]) == want {
+				n++
+			}
+		}
+		f.Close()
+		if err := sc.Err(); err != nil {
+			return 0, err
+		}
+	}
+	return n, nil
+}
+
+// BenchmarkParseTableInMemory is the per-line path alone: it must not
+// allocate, whatever the number of lines.
+func BenchmarkParseTableInMemory(b *testing.B) {
+	raw, err := os.ReadFile("testdata/tcp-sl10000")
+	if err != nil {
+		b.Fatal(err)
+	}
+	header, rows, _ := bytes.Cut(raw, []byte("\n"))
+	table := append(append(header, '\n'), bytes.Repeat(rows, 1000)...)
+	p := newProcSource()
+	r := bytes.NewReader(table)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(table)))
+	b.ResetTimer()
+	for range b.N {
+		r.Reset(table)
+		if n, err := p.countEstablished(r, 9090); err != nil || n != 15000 {
+			b.Fatalf("count = %d, %v", n, err)
+		}
+	}
+}
+
+// benchProcess runs a command b.N times and reports its CPU time per run.
+func benchProcess(b *testing.B, name string, args ...string) {
+	if _, err := exec.LookPath(name); err != nil {
+		b.Skip(err)
+	}
+	var cpu time.Duration
+	for range b.N {
+		cmd := exec.Command(name, args...)
+		cmd.Stdout = io.Discard
+		if err := cmd.Run(); err != nil {
+			b.Fatalf("%s: %v", name, err)
+		}
+		cpu += cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
+	b.ReportMetric(float64(cpu)/float64(b.N)/1e6, "cpu-ms/op")
+}
+
+// BenchmarkProcessWsdrainCount is "wsdrain count" as an operator runs it.
+func BenchmarkProcessWsdrainCount(b *testing.B) {
+	bin := os.Getenv("WSDRAIN_BIN")
+	if bin == "" {
+		b.Skip("set WSDRAIN_BIN to a built wsdrain (bench/run.sh does)")
+	}
+	benchProcess(b, bin, "count", "--target-port", strconv.Itoa(int(benchPort(b))))
+}
+
+// BenchmarkProcessSS is the same question put to ss, which also uses sock_diag.
+func BenchmarkProcessSS(b *testing.B) {
+	benchProcess(b, "ss", "-Htn", "state", "established", fmt.Sprintf("( sport = :%d )", benchPort(b)))
+}
+
+// BenchmarkProbe compares one readiness probe sent to the app directly with
+// one sent through the real proxy binary, and reports the proxy's idle RSS.
+func BenchmarkProbe(b *testing.B) {
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go app.Serve(ln)
+	defer app.Close()
+	appURL := "http://" + ln.Addr().String() + "/healthz"
+	proxyURL, rss := startBenchProxy(b, appURL)
+
+	// The kubelet opens a new connection for every probe.
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	for _, target := range []struct{ name, url string }{{"direct", appURL}, {"via-proxy", proxyURL}} {
+		b.Run(target.name, func(b *testing.B) {
+			lat := make([]time.Duration, 0, b.N)
+			for range b.N {
+				start := time.Now()
+				resp, err := client.Get(target.url)
+				if err != nil || resp.StatusCode != 200 {
+					b.Fatalf("probe: %v", err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				lat = append(lat, time.Since(start))
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+			b.ReportMetric(float64(rss), "proxy-idle-rss-KiB")
+		})
+	}
+}
+
+// startBenchProxy starts "wsdrain proxy" (WSDRAIN_BIN, else this test
+// binary as wsdrain) and returns its URL and idle resident set size.
+func startBenchProxy(b *testing.B, health string) (string, int) {
+	addr := benchFreeAddr(b)
+	bin := os.Getenv("WSDRAIN_BIN")
+	cmd := exec.Command(bin, "proxy", "--listen", addr, "--health-url", health, "--fifo", filepath.Join(b.TempDir(), "drain.fifo"))
+	if bin == "" {
+		cmd = wsdrainCmd("proxy", "--listen", addr, "--health-url", health, "--fifo", filepath.Join(b.TempDir(), "drain.fifo"))
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	for i := 0; ; i++ {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		if i == 500 {
+			b.Fatal("proxy did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	rss := 0
+	for _, line := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			rss, _ = strconv.Atoi(f[1])
+		}
+	}
+	return "http://" + addr + "/ready", rss
+}
+
+func benchFreeAddr(b *testing.B) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// runBenchHolder holds connections for bench/run.sh: it listens on addr,
+// opens n connections to itself, says "ready" and keeps them until SIGTERM.
+// The hard open-files limit (20 000 here) is why several run.
+func runBenchHolder(args []string) int {
+	if len(args) != 2 {
+		fmt.Fprintln(os.Stderr, "usage: holder ADDR N")
+		return 2
+	}
+	n, _ := strconv.Atoi(args[1])
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	conns := make([]net.Conn, 0, 2*n)
+	for range n {
+		c, err := net.Dial("tcp", args[0])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		conns = append(conns, c, s)
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM)
+	fmt.Println("ready")
+	<-stop
+	for _, c := range conns {
+		c.Close()
+	}
+	return 0
+}
