@@ -119,7 +119,7 @@ func scenarioCalls(t *testing.T, pod *nsPod) {
 	if r := <-preStop; !strings.HasPrefix(r, "200 ") {
 		t.Errorf("the app's preStop got %q, want 200", r)
 	}
-	pod.proxyLogHas(t, "source=netlink", "count=2", "count=1", "count=0",
+	pod.proxyLogHas(t, "counts_from=netlink", "count=2", "count=1", "count=0",
 		fmt.Sprintf(`msg="signalled app" source=stopper pid=%d`, pod.appPID), "signal=SIGTERM")
 }
 

@@ -145,7 +145,7 @@ type stopper struct {
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
-		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "source", s.source)
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source)
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
 	}
