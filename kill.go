@@ -6,14 +6,17 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // process identifies a process across PID reuse by its start time.
@@ -230,6 +233,59 @@ func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
 		return fmt.Errorf("signal %s to pid %d (%s): %w", signalName(sig), p.pid, p.comm, err)
 	}
 	return nil
+}
+
+// appSignaller signals the app once, remembering whom across hook runs.
+type appSignaller struct {
+	fs     procFS
+	finder targetFinder
+	record signalLog
+	sig    syscall.Signal
+	log    *slog.Logger
+}
+
+// signal sends the signal to every target not signalled by an earlier run
+// and returns the targets that are still to exit.
+func (a *appSignaller) signal() ([]process, error) {
+	before := a.record.load()
+	targets, err := a.finder.find()
+	if err != nil && len(before) > 0 {
+		a.log.Info("app already gone after an earlier stopper run", "detail", err)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var fresh []process
+	for _, p := range targets {
+		if contains(before, p) {
+			a.log.Info("app already signalled by an earlier stopper run", "pid", p.pid, "process", p.comm)
+			continue
+		}
+		if err := a.fs.signalProcess(p, a.sig); err != nil {
+			return nil, err
+		}
+		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalName(a.sig))
+		fresh = append(fresh, p)
+	}
+	if err := a.record.add(fresh); err != nil {
+		a.log.Warn("could not record the signalled processes", "err", err)
+	}
+	return targets, nil
+}
+
+// waitExit waits up to limit for ps to exit, and says how it went.
+func (a *appSignaller) waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool {
+	const step = 100 * time.Millisecond
+	for waited := time.Duration(0); ; waited += step {
+		if !slices.ContainsFunc(ps, a.fs.alive) {
+			a.log.Info("app exited", "within", waited)
+			return true
+		}
+		if waited >= limit || sleep(ctx, step) != nil {
+			return false
+		}
+	}
 }
 
 // signalLog remembers which processes a stopper has signalled, beside the

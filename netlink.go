@@ -202,10 +202,17 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 	return false, nil
 }
 
+// socketSource is where connection counts and listeners come from.
+type socketSource interface {
+	name() string
+	established(port uint16) (int, error)
+	listeners(port uint16) ([]uint64, error)
+}
+
 // openSource picks where counts come from: "netlink", "proc", or "auto",
 // which is netlink unless the kernel or a sandbox (gVisor, a seccomp
 // profile) refuses it; then warn is told why /proc is used instead.
-func openSource(kind sourceFlag, warn func(msg string, args ...any)) (socketSource, error) {
+func openSource(kind sourceFlag, warn func(msg string, err error)) (socketSource, error) {
 	if kind == "proc" {
 		return newProcSource(), nil
 	}
@@ -216,7 +223,7 @@ func openSource(kind sourceFlag, warn func(msg string, args ...any)) (socketSour
 	case kind == "netlink":
 		return nil, err
 	}
-	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", "err", err)
+	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", err)
 	return newProcSource(), nil
 }
 

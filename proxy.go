@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -113,7 +114,13 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
-	go readFIFO(pipe, p.fifoEvents(out))
+	go func() {
+		// The pipe is closed only at shutdown; any other end means no drain
+		// can arrive any more, which a person must hear about.
+		if err := readFIFO(pipe, p.fifoEvents(out)); !errors.Is(err, os.ErrClosed) {
+			logger.Error("drain pipe stopped working: the stopper can no longer drain this pod", "err", err)
+		}
+	}()
 	srv := &http.Server{
 		Handler:           p,
 		ReadHeaderTimeout: 2 * time.Second,

@@ -1,6 +1,7 @@
 // stopper.go is the sidecar's preStop hook: it starts the drain, waits until
 // the app's port has no ESTABLISHED connection left, signals the app, and
 // tells all of it to the proxy's log, since the kubelet discards hook output.
+// It also holds the count mode, which shows an operator the same count.
 
 package main
 
@@ -12,7 +13,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"syscall"
 	"time"
 )
@@ -103,7 +103,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
 	))
 	fs := procFS{root: "/proc"}
-	source, err := openSource(cfg.source, log.Warn)
+	source, err := openSource(cfg.source, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
 		log.Error("cannot count connections", "err", err)
 		return err
@@ -249,66 +249,6 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// appSignaller signals the app once, remembering whom across hook runs.
-type appSignaller struct {
-	fs     procFS
-	finder targetFinder
-	record signalLog
-	sig    syscall.Signal
-	log    *slog.Logger
-}
-
-// signal sends the signal to every target not signalled by an earlier run
-// and returns the targets that are still to exit.
-func (a *appSignaller) signal() ([]process, error) {
-	before := a.record.load()
-	targets, err := a.finder.find()
-	if err != nil && len(before) > 0 {
-		a.log.Info("app already gone after an earlier stopper run", "detail", err)
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var fresh []process
-	for _, p := range targets {
-		if contains(before, p) {
-			a.log.Info("app already signalled by an earlier stopper run", "pid", p.pid, "process", p.comm)
-			continue
-		}
-		if err := a.fs.signalProcess(p, a.sig); err != nil {
-			return nil, err
-		}
-		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalName(a.sig))
-		fresh = append(fresh, p)
-	}
-	if err := a.record.add(fresh); err != nil {
-		a.log.Warn("could not record the signalled processes", "err", err)
-	}
-	return targets, nil
-}
-
-// waitExit waits up to limit for ps to exit, and says how it went.
-func (a *appSignaller) waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool {
-	const step = 100 * time.Millisecond
-	for waited := time.Duration(0); ; waited += step {
-		if !slices.ContainsFunc(ps, a.fs.alive) {
-			a.log.Info("app exited", "within", waited)
-			return true
-		}
-		if waited >= limit || sleep(ctx, step) != nil {
-			return false
-		}
-	}
-}
-
-// socketSource is where connection counts and listeners come from.
-type socketSource interface {
-	name() string
-	established(port uint16) (int, error)
-	listeners(port uint16) ([]uint64, error)
-}
-
 const countHelp = `usage: wsdrain count [flags]
 
 Prints one integer: the ESTABLISHED connections whose local port is
@@ -334,7 +274,7 @@ func runCount(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
 		return err
 	}
-	warn := func(msg string, args ...any) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, args[1]) }
+	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
 	src, err := openSource(source, warn)
 	if err != nil {
 		return fmt.Errorf("count: %w", err)

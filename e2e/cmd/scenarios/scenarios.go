@@ -100,38 +100,57 @@ func (r *run) wrapper() error {
 	if err := r.deploy("app behind a shell wrapper", r.wrapped, false); err != nil {
 		return err
 	}
-	if err := r.waitReady(2); err != nil {
-		return err
-	}
-	pod, ip, err := r.pickPod()
+	p, err := r.callThenDelete("call open")
 	if err != nil {
 		return err
 	}
-	logs := r.followLogs(pod)
-	c, err := startCall(ip)
-	if err != nil {
-		return err
-	}
-	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
-		return err
-	}
-	r.logf("kubectl delete pod %s (call open)", pod)
 	time.Sleep(7 * time.Second)
-	stats := c.end()
+	stats := p.call.end()
 	ended := time.Now()
 	r.logf("call ended by the client: %d sent, %d echoed", stats.sent, stats.echoed)
-	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
+	gone, err := r.w.waitEvent("gone", p.name, r.start, 60*time.Second)
 	if err != nil {
 		return err
 	}
 	d := gone.at.Sub(ended)
-	out := logs.wait()
+	out := p.logs.wait()
 	r.check("wrapped app: pod gone within 3s of the call's end", d <= 3*time.Second, "%s", ms(d))
 	r.check("wrapped app: the server process, not the shell, got SIGTERM",
 		strings.Contains(out, "process=wsapp signal=SIGTERM"), "%s", firstLine(out, "signalled app"))
 	r.check("wrapped app: no echo lost", stats.err == nil && stats.sent == stats.echoed, "%d sent, %d echoed, error %v", stats.sent, stats.echoed, stats.err)
-	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+	r.preStops = append(r.preStops, preStopCheck{pod: p.name, logs: out})
 	return nil
+}
+
+// doomedPod is a pod deleted while a call to it is open.
+type doomedPod struct {
+	name    string
+	call    *call
+	logs    *logFollower
+	deleted time.Time
+}
+
+// callThenDelete waits for two ready pods, starts a call to one and follows
+// its wsdrain log, then deletes it.
+func (r *run) callThenDelete(why string) (doomedPod, error) {
+	if err := r.waitReady(2); err != nil {
+		return doomedPod{}, err
+	}
+	pod, ip, err := r.pickPod()
+	if err != nil {
+		return doomedPod{}, err
+	}
+	logs := r.followLogs(pod)
+	c, err := startCall(ip)
+	if err != nil {
+		return doomedPod{}, err
+	}
+	deleted := time.Now()
+	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
+		return doomedPod{}, err
+	}
+	r.logf("kubectl delete pod %s (%s)", pod, why)
+	return doomedPod{pod, c, logs, deleted}, nil
 }
 
 // timeout: a call outlives the stopper's --timeout; the app gets SIGTERM
@@ -140,23 +159,11 @@ func (r *run) timeout() error {
 	if err := r.deploy("timeout case: grace 40s, stopper --timeout 25s", r.appImage, true); err != nil {
 		return err
 	}
-	if err := r.waitReady(2); err != nil {
-		return err
-	}
-	pod, ip, err := r.pickPod()
+	p, err := r.callThenDelete("the call never ends by itself")
 	if err != nil {
 		return err
 	}
-	logs := r.followLogs(pod)
-	c, err := startCall(ip)
-	if err != nil {
-		return err
-	}
-	deleted := time.Now()
-	if _, err := r.kubectl("delete", "pod", pod, "--wait=false"); err != nil {
-		return err
-	}
-	r.logf("kubectl delete pod %s (the call never ends by itself)", pod)
+	pod, c, logs, deleted := p.name, p.call, p.logs, p.deleted
 	exited, err := r.waitAppExit(pod, 60*time.Second)
 	if err != nil {
 		return err
