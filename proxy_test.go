@@ -402,3 +402,32 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 	t.Fatalf("timed out waiting for %s", what)
 }
+
+// TestProxyExitsZeroOnSIGTERM runs the real binary as the kubelet stops it.
+func TestProxyExitsZeroOnSIGTERM(t *testing.T) {
+	app := newFakeApp(t)
+	addr := freeAddr(t)
+	cmd := wsdrainCmd("proxy", "--listen", addr, "--health-url", app.URL+"/healthz", "--fifo", filepath.Join(t.TempDir(), "drain.fifo"))
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the proxy to answer", func() bool {
+		resp, err := http.Get("http://" + addr + "/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	})
+	cmd.Process.Signal(syscall.SIGTERM)
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("proxy exited with %v after SIGTERM, want status 0", err)
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("proxy still running 10s after SIGTERM")
+	}
+}

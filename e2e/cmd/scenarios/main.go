@@ -82,6 +82,12 @@ func (r *run) all() error {
 		return err
 	}
 	r.w = w
+	// Pods that break the "restricted" profile are then refused outright.
+	if _, err := r.kubectl("label", "namespace", "default", "--overwrite",
+		"pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest"); err != nil {
+		return err
+	}
+	r.logf("namespace default enforces the restricted Pod Security profile")
 	if err := r.deploy("shipped manifest", r.appImage, false); err != nil {
 		return err
 	}
@@ -143,6 +149,9 @@ func (r *run) deploy(why, appImage string, shortGrace bool) error {
 		return err
 	}
 	r.logf("deployment rolled out")
+	if strings.Contains(why, "shipped") {
+		r.check("k8s.yaml admitted under the restricted Pod Security profile", len(r.w.readyPods()) == 2, "%d pods ready", len(r.w.readyPods()))
+	}
 	return nil
 }
 
