@@ -34,6 +34,9 @@ die() { echo "e2e: $*" >&2; exit 1; }
 
 [ "$(uname -s)" = Linux ] || die "needs Linux"
 [ "$(id -u)" = 0 ] || die "needs root: it starts a kubelet, containerd and network bridges"
+mkdir -p "$CACHE"
+exec 9> "$CACHE/run.lock"
+flock -n 9 || die "another e2e run is active on this host (two kubelets cannot share one)"
 
 # ---------------------------------------------------------------- cleanup
 W=""
@@ -44,6 +47,22 @@ trap 'exit 130' INT TERM
 
 remember_new() { for p in "$@"; do [ -e "$p" ] || created+=("$p"); done; }
 
+# Shared runtime directories: at exit, only the entries this run added go.
+watched=(/run/netns /run/containerd/s /run/containerd/runc/k8s.io /var/lib/cni/results
+  /var/lib/cni/networks /var/lib/kubelet/device-plugins /var/log/containers /var/log/pods)
+snapshot_watched() { for d in "${watched[@]}"; do ls -A "$d" > "$W/before${d//\//_}" 2>/dev/null || true; done; }
+remove_added_entries() {
+  local d e
+  for d in "${watched[@]}"; do
+    [ -d "$d" ] || continue
+    for e in $(ls -A "$d"); do
+      grep -qxF "$e" "$W/before${d//\//_}" 2>/dev/null && continue
+      mountpoint -q "$d/$e" && umount -l "$d/$e"
+      rm -rf "${d:?}/$e"
+    done
+  done
+}
+
 cleanup() {
   local rc=$?
   set +e
@@ -51,11 +70,14 @@ cleanup() {
   echo
   echo "### cleanup"
   if [ -n "$W" ] && [ -S "$W/containerd.sock" ]; then
-    # Pods first: their shims outlive containerd.
-    for t in $(ctr --address "$W/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
-      ctr --address "$W/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$t" >/dev/null 2>&1
-    done
+    # Pods first, through the kubelet so that CNI releases their addresses;
+    # then whatever is left, by force. Their shims outlive containerd.
+    "$KUBECTL" --kubeconfig "$W/kubeconfig" delete deployment,pod --all --grace-period=1 --wait=true --timeout=40s >/dev/null 2>&1
+    local ctr=(ctr --address "$W/containerd.sock" -n k8s.io) t
+    for t in $("${ctr[@]}" tasks ls -q 2>/dev/null); do "${ctr[@]}" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
     sleep 1
+    for t in $("${ctr[@]}" tasks ls -q 2>/dev/null); do "${ctr[@]}" tasks delete -f "$t" >/dev/null 2>&1; done
+    for t in $("${ctr[@]}" containers ls -q 2>/dev/null); do "${ctr[@]}" containers delete "$t" >/dev/null 2>&1; done
   fi
   # Stop in reverse order of start; the API server before etcd.
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -73,9 +95,7 @@ cleanup() {
     sleep 0.5
     # Mounts under the work dir and this run's network namespaces, deepest first.
     awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
-    for ns in $(ls /run/netns 2>/dev/null); do
-      grep -qx "$ns" "$W/netns.before" 2>/dev/null || { umount -l "/run/netns/$ns" 2>/dev/null; rm -f "/run/netns/$ns"; }
-    done
+    remove_added_entries
   fi
   ip link show "$BRIDGE" >/dev/null 2>&1 && [ -n "$W" ] && [ -e "$W/bridge.ours" ] && ip link delete "$BRIDGE"
   for p in "${created[@]}"; do rm -rf "$p"; done
@@ -116,7 +136,7 @@ bash "$REPO/e2e/build-k8s.sh" "$K8S_VERSION" "$BIN"
 KUBECTL=$BIN/kubectl
 
 W=$(mktemp -d /var/tmp/wsdrain-e2e.XXXXXX)
-ls /run/netns 2>/dev/null > "$W/netns.before" || true
+snapshot_watched
 iptables_rules() { { iptables-save; ip6tables-save; } 2>/dev/null | grep -v '^[#:]' | sed 's/\[[0-9:]*\]//'; }
 iptables_rules > "$W/iptables.before"
 remember_new /run/containerd /var/lib/cni /var/lib/kubelet /var/log/containers /var/log/pods /run/netns /opt/cni
