@@ -335,10 +335,9 @@ func (r *run) kubectl(args ...string) (string, error) {
 // call is a WebSocket call that sends a message every 100ms and checks
 // that each one is echoed.
 type call struct {
-	conn  *websocket.Conn
-	stop  chan struct{}
-	done  chan callStats
-	stats callStats
+	conn *websocket.Conn
+	stop chan struct{}
+	done chan callStats
 }
 
 type callStats struct {
