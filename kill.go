@@ -247,6 +247,7 @@ type appSignaller struct {
 // signal sends the signal to every target not signalled by an earlier run
 // and returns the targets that are still to exit.
 func (a *appSignaller) signal() ([]process, error) {
+	defer a.record.lock()()
 	before := a.record.load()
 	targets, err := a.finder.find()
 	if err != nil && len(before) > 0 {
@@ -307,6 +308,17 @@ func (l signalLog) load() []process {
 		}
 	}
 	return ps
+}
+
+// lock makes overlapping stopper runs take turns: the second then finds
+// the first's record and does not signal again. It returns the unlock.
+func (l signalLog) lock() func() {
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return func() {} // no emptyDir: nothing to share with another run either
+	}
+	syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
+	return func() { f.Close() }
 }
 
 func (l signalLog) add(ps []process) error {

@@ -95,6 +95,31 @@ func TestSignalsOnceAcrossRepeatedHooks(t *testing.T) {
 	}
 }
 
+func TestOverlappingHooksSignalOnce(t *testing.T) {
+	app, port := startTestApp(t)
+	fs := procFS{"/proc"}
+	var log syncBuffer
+	record := signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")}
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			a := &appSignaller{fs: fs, record: record, sig: syscall.SIGTERM, log: testLogger(&log),
+				finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
+			_, err := a.signal()
+			errs <- err
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Errorf("a run failed: %v", err)
+		}
+	}
+	app.Wait()
+	if n := strings.Count(log.String(), `msg="signalled app"`); n != 1 {
+		t.Errorf("four overlapping runs signalled %d times, want once:\n%s", n, log.String())
+	}
+}
+
 func TestByCommSelectsTheParentOfSameNamedProcesses(t *testing.T) {
 	app, _ := startTestApp(t)
 	comm, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(app.Process.Pid), "comm"))
