@@ -30,7 +30,7 @@ func TestEndToEndInNamespaces(t *testing.T) {
 		}
 		t.Skip("skipped: creating network and PID namespaces needs root (run as root, as CI does)")
 	}
-	for _, name := range []string{"calls", "timeout", "no-fifo", "wrapper"} {
+	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper"} {
 		t.Run(name, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestNamespaceScenario$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), "WSDRAIN_NS_SCENARIO="+name)
@@ -55,6 +55,8 @@ func TestNamespaceScenario(t *testing.T) {
 	switch name {
 	case "calls":
 		scenarioCalls(t, pod)
+	case "events":
+		scenarioEvents(t, pod)
 	case "timeout":
 		scenarioTimeout(t, pod)
 	case "no-fifo":
@@ -108,19 +110,27 @@ func scenarioCalls(t *testing.T, pod *nsPod) {
 	}
 	ipv6.echo(t)
 	ipv6.Close()
-	lastClosed := time.Now()
-
-	signalled := pod.waitSignalled(t)
-	t.Logf("app signalled %v after the last call closed", signalled.Sub(lastClosed).Round(time.Millisecond))
-	if d := signalled.Sub(lastClosed); d > 1200*time.Millisecond {
-		t.Errorf("app signalled %v after the last call; want about one 200ms interval", d)
-	}
+	pod.waitSignalledSoonAfter(t, time.Now(), 1200*time.Millisecond, "about one 200ms interval")
 	pod.waitStopper(t, stopper, 0)
 	if r := <-preStop; !strings.HasPrefix(r, "200 ") {
 		t.Errorf("the app's preStop got %q, want 200", r)
 	}
 	pod.proxyLogHas(t, "counts_from=netlink", "count=2", "count=1", "count=0",
 		fmt.Sprintf(`msg="signalled app" source=stopper pid=%d`, pod.appPID), "signal=SIGTERM")
+}
+
+// scenarioEvents: with a 5s poll, the kernel's destroy event on the last
+// call gets the app signalled well under a second after that call closed.
+func scenarioEvents(t *testing.T, pod *nsPod) {
+	pod.startApp(t, false)
+	pod.startProxy(t)
+	call := pod.call(t, "[::1]:8080")
+	stopper := pod.startStopper(t, "--interval", "5s", "--min-drain", "0s")
+	waitFor(t, "the stopper to count the call", func() bool { return strings.Contains(pod.proxyOut.String(), "count=1") })
+	call.Close()
+	pod.waitSignalledSoonAfter(t, time.Now(), 500*time.Millisecond, "well under the 5s poll (destroy events)")
+	pod.waitStopper(t, stopper, 0)
+	pod.proxyLogHas(t, "counts_from=netlink events=on")
 }
 
 // scenarioTimeout: a call that outlives -timeout; the app still gets SIGTERM.
@@ -268,6 +278,17 @@ func (p *nsPod) waitSignalled(t *testing.T) time.Time {
 		t.Fatalf("app not signalled within 15s\nstopper:\n%s\nproxy:\n%s", p.stopperErr, p.proxyOut)
 	}
 	return time.Time{}
+}
+
+// waitSignalledSoonAfter waits for the app's signal and checks that it came
+// within limit of the last call's close.
+func (p *nsPod) waitSignalledSoonAfter(t *testing.T, lastClosed time.Time, limit time.Duration, want string) {
+	t.Helper()
+	d := p.waitSignalled(t).Sub(lastClosed)
+	t.Logf("app signalled %v after the last call closed", d.Round(time.Microsecond))
+	if d > limit {
+		t.Errorf("app signalled %v after the last call closed; want %s", d, want)
+	}
 }
 
 func (p *nsPod) proxyLogHas(t *testing.T, wants ...string) {

@@ -2,8 +2,9 @@
 // (NETLINK_SOCK_DIAG, the one ss uses). The kernel tests the state and the
 // local port itself, so only matching sockets cross into user space: at tens
 // of thousands of connections this is several times cheaper than formatting
-// and parsing /proc/net/tcp, and unlike /proc it is a consistent walk of the
-// socket tables. It needs no privilege in the caller's own network namespace.
+// and parsing /proc/net/tcp. Like /proc, a dump that spans several replies is
+// no snapshot (the stopper reads a zero twice). It needs no privilege in the
+// caller's own network namespace.
 
 package main
 

@@ -30,7 +30,9 @@ example:
 flags:
   -target-port N          the app's port: connections on it are the calls (default 8080)
   -fifo PATH              the proxy's drain pipe (default /run/wsdrain/drain.fifo)
-  -interval D             how often to count (default 1s)
+  -interval D             how often to count at the latest; with netlink, a
+                          call's end makes the kernel wake the stopper at once
+                          and this is the safety net (default 1s)
   -min-drain D            never signal sooner than this after the drain began:
                           new calls can still arrive while the endpoint is being
                           removed from Services and load balancers (default 5s)
@@ -108,10 +110,13 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		log.Error("cannot count connections", "err", err)
 		return err
 	}
+	events, unsubscribe := subscribeIfNetlink(source.name(), cfg.port, log)
+	defer unsubscribe()
 	s := &stopper{
 		cfg:    cfg,
 		log:    log,
 		source: source.name(),
+		events: events,
 		count:  func() (int, error) { return source.established(cfg.port) },
 		notify: pipe.send,
 		now:    time.Now,
@@ -127,11 +132,52 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return s.run(ctx)
 }
 
+// subscribeIfNetlink subscribes to the kernel's socket destroy events when
+// counts come from netlink. It returns no waiter, and the stopper polls only,
+// with /proc (which must keep working where netlink is refused) or when the
+// subscription is refused; that is logged once.
+func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (eventWaiter, func()) {
+	if source != "netlink" {
+		return nil, func() {}
+	}
+	wake, stop, err := watchDestroys(port, func(err error) {
+		log.Warn("socket destroy events stopped; polling every --interval only", "err", err)
+	})
+	if err != nil {
+		log.Warn("socket destroy events unavailable; polling every --interval only", "err", err)
+		return nil, func() {}
+	}
+	return destroyWait(wake), stop
+}
+
+// eventWaiter sleeps for at most d and reports whether a destroy event on
+// the target port cut the sleep short.
+type eventWaiter interface {
+	wait(ctx context.Context, d time.Duration) (woken bool, err error)
+}
+
+// destroyWait is the real eventWaiter: a value on the channel is an event.
+type destroyWait <-chan struct{}
+
+func (w destroyWait) wait(ctx context.Context, d time.Duration) (woken bool, err error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return false, nil
+	case <-w:
+		return true, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
 // stopper is the drain loop; its boundaries are fields so tests can drive it.
 type stopper struct {
 	cfg    stopperConfig
 	log    *slog.Logger
-	source string // where counts come from, for the log
+	source string      // where counts come from, for the log
+	events eventWaiter // nil: no destroy events, poll only
 	count  func() (int, error)
 	notify func(msg string) error
 	now    func() time.Time
@@ -145,7 +191,7 @@ type stopper struct {
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
-		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source)
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil))
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
 	}
@@ -169,12 +215,19 @@ func (s *stopper) run(ctx context.Context) error {
 }
 
 // waitForCalls returns once no call is left and -min-drain has passed, or
-// at -timeout. A count it could not read never counts as zero.
+// at -timeout. A count it could not read never counts as zero, and a zero
+// is read twice before it is believed: neither /proc nor a netlink dump is
+// a snapshot of the socket tables, so one reading can miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 	r := countReporter{log: s.log, last: -1}
 	for {
+		started := s.now()
 		n, err := s.count()
+		cost := s.now().Sub(started)
 		elapsed := s.now().Sub(begun)
+		if err == nil && n == 0 && elapsed >= s.cfg.minDrain {
+			n, err = s.secondReading(elapsed)
+		}
 		r.report(n, err, elapsed)
 		if err == nil && n == 0 && elapsed >= s.cfg.minDrain {
 			s.log.Info("no connections left", "elapsed", elapsed.Round(time.Millisecond))
@@ -185,10 +238,45 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 				"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
 			return nil
 		}
-		if err := s.sleep(ctx, s.nextWait(n, err, elapsed)); err != nil {
+		if err := s.pause(ctx, s.nextWait(n, err, elapsed), cost); err != nil {
 			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), err)
 		}
 	}
+}
+
+// secondReading counts again after a zero; what it reads stands.
+func (s *stopper) secondReading(elapsed time.Duration) (int, error) {
+	n, err := s.count()
+	if err != nil || n != 0 {
+		s.log.Warn("a zero count was not confirmed by a second reading; waiting",
+			"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
+	}
+	return n, err
+}
+
+// recountGap is how many times the last count's cost must pass before a
+// destroy event may trigger the next count: with 50 000 calls ending at
+// hundreds a second, counting stays under a tenth of a core, and with few
+// calls left a count is cheap and follows the event at once.
+const recountGap = 10
+
+// pause waits until the next poll, d, or until a destroy event on the
+// target port, but then no sooner than recountGap times cost after the
+// last count. Events that come meanwhile are answered by the same count.
+func (s *stopper) pause(ctx context.Context, d, cost time.Duration) error {
+	if s.events == nil {
+		return s.sleep(ctx, d)
+	}
+	from := s.now()
+	woken, err := s.events.wait(ctx, d)
+	if err != nil || !woken {
+		return err
+	}
+	waited := s.now().Sub(from)
+	if rest := min(recountGap*cost, d) - waited; rest > 0 {
+		return s.sleep(ctx, rest)
+	}
+	return nil
 }
 
 // nextWait is one interval, cut short to land on -min-drain or -timeout.
@@ -228,6 +316,13 @@ func (r *countReporter) report(n int, err error, elapsed time.Duration) {
 	if err != nil {
 		r.last, r.lastErr = -1, err.Error()
 	}
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
 }
 
 func countAttr(n int, err error) string {

@@ -161,3 +161,107 @@ func TestStopperGoesOnWithoutAProxy(t *testing.T) {
 		t.Fatalf("run = %v, events %q; want the app signalled despite the missing proxy", err, events)
 	}
 }
+
+// TestStopperConfirmsAZeroBeforeSignalling: a table read while sockets move
+// can miss one, so a zero read once, then contradicted, must not signal.
+func TestStopperConfirmsAZeroBeforeSignalling(t *testing.T) {
+	cfg := stopperConfig{interval: time.Second, timeout: 10 * time.Second}
+	got, _, log, err := runScriptedStopper(t, cfg, []countResult{{0, nil}, {1, nil}})
+	if err != nil {
+		t.Fatalf("stopper: %v", err)
+	}
+	if got != cfg.timeout {
+		t.Errorf("app signalled at %v on a zero that the next reading contradicted; want the %v timeout\n%s", got, cfg.timeout, log)
+	}
+	if !strings.Contains(log.String(), "not confirmed") {
+		t.Errorf("log does not say the zero was not confirmed:\n%s", log)
+	}
+}
+
+// fakeEvents delivers a destroy event at next on the fake clock, then one
+// every period (never again when period is 0).
+type fakeEvents struct {
+	clock  *fakeClock
+	next   time.Time
+	period time.Duration
+}
+
+func (e *fakeEvents) wait(ctx context.Context, d time.Duration) (bool, error) {
+	if e.next.IsZero() || e.next.After(e.clock.t.Add(d)) {
+		return false, e.clock.sleep(ctx, d)
+	}
+	if e.next.After(e.clock.t) {
+		e.clock.t = e.next
+	}
+	e.next = e.next.Add(e.period)
+	if e.period == 0 {
+		e.next = time.Time{}
+	}
+	return true, nil
+}
+
+// eventStopper is a stopper on a fake clock whose count is a function of
+// the time since the start and costs cost of that clock.
+func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost time.Duration) (*stopper, *recordingApp, *int) {
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := &fakeClock{t: start}
+	var events []string
+	counts := 0
+	app := &recordingApp{clock: clock, events: &events}
+	s := &stopper{
+		cfg:    cfg,
+		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+		events: &fakeEvents{clock: clock},
+		count: func() (int, error) {
+			counts++
+			n := count(clock.t.Sub(start))
+			clock.t = clock.t.Add(cost)
+			return n, nil
+		},
+		notify: func(string) error { return nil },
+		now:    clock.now,
+		sleep:  clock.sleep,
+		app:    app,
+	}
+	return s, app, &counts
+}
+
+func TestStopperRecountsOnADestroyEvent(t *testing.T) {
+	lastClose := 2300 * time.Millisecond
+	cfg := stopperConfig{interval: 5 * time.Second}
+	s, app, _ := eventStopper(cfg, func(since time.Duration) int {
+		if since < lastClose {
+			return 1
+		}
+		return 0
+	}, time.Millisecond)
+	clock := s.events.(*fakeEvents).clock
+	start := clock.t
+	s.events.(*fakeEvents).next = start.Add(lastClose)
+	if err := s.run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := app.signalled.Sub(start); got > lastClose+10*time.Millisecond {
+		t.Errorf("app signalled at %v; want at the destroy event at %v, not at the next 5s poll", got, lastClose)
+	}
+}
+
+// TestStopperRateLimitsRecounts: calls ending hundreds of times a second
+// must not make an expensive count run hundreds of times a second.
+func TestStopperRateLimitsRecounts(t *testing.T) {
+	cfg := stopperConfig{interval: 5 * time.Second, timeout: 11 * time.Second}
+	cost := 100 * time.Millisecond
+	s, _, counts := eventStopper(cfg, func(time.Duration) int { return 50_000 }, cost)
+	fe := s.events.(*fakeEvents)
+	fe.next, fe.period = fe.clock.t, 5*time.Millisecond
+	if err := s.run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// One count every cost + recountGap*cost at most, in the 11s timeout.
+	if most := int(cfg.timeout/(cost+recountGap*cost)) + 1; *counts > most {
+		t.Errorf("%d counts of %v each in %v of constant events; want at most %d (a tenth of the time)", *counts, cost, cfg.timeout, most)
+	}
+	if *counts < 5 {
+		t.Errorf("only %d counts in %v of constant events; the events were ignored", *counts, cfg.timeout)
+	}
+}
