@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // Benchmarks of counting and of the proxy. bench/run.sh runs them against
@@ -256,6 +258,8 @@ func benchFreeAddr(b *testing.B) string {
 	defer ln.Close()
 	return ln.Addr().String()
 }
+
+func init() { testRoles["holder"] = runBenchHolder }
 
 // runBenchHolder holds connections for bench/run.sh: it listens on addr,
 // opens n connections to itself, says "ready" and keeps them until SIGTERM.

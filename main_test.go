@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -13,16 +14,19 @@ import (
 // set it runs as wsdrain itself (or as the demo app of the namespace test),
 // so the end-to-end tests need no build step.
 func TestMain(m *testing.M) {
-	switch os.Getenv("WSDRAIN_TEST_ROLE") {
-	case "wsdrain":
+	role := os.Getenv("WSDRAIN_TEST_ROLE")
+	switch {
+	case role == "wsdrain":
 		main()
-	case "app":
-		os.Exit(runTestApp(os.Args[1:]))
-	case "holder":
-		os.Exit(runBenchHolder(os.Args[1:]))
+	case testRoles[role] != nil:
+		os.Exit(testRoles[role](os.Args[1:]))
 	}
 	os.Exit(m.Run())
 }
+
+// testRoles are the other programs the test binary can be (the demo app,
+// the benchmark's connection holder); the Linux-only test files add them.
+var testRoles = map[string]func(args []string) int{}
 
 // wsdrainCmd is an exec.Cmd that runs this test binary as wsdrain.
 func wsdrainCmd(args ...string) *exec.Cmd {
@@ -84,6 +88,12 @@ func TestRealBinaryExitCodes(t *testing.T) {
 		t.Fatalf("bad port: err %v, want exit status 2; output %q", err, out)
 	}
 	out, err = wsdrainCmd("count", "--target-port", "1").Output()
+	if runtime.GOOS != "linux" {
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(ee.Stderr), "wsdrain runs on Linux") {
+			t.Fatalf("count on %s: err %v, want exit status 1 saying wsdrain runs on Linux", runtime.GOOS, err)
+		}
+		return
+	}
 	if err != nil {
 		t.Fatalf("count: %v", err)
 	}

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 import (
@@ -388,6 +390,8 @@ func setLoopbackUp() error {
 	}
 	return nil
 }
+
+func init() { testRoles["app"] = runTestApp }
 
 // runTestApp is the demo app: a dual-stack server whose /healthz answers
 // 200 and whose /call becomes a line echo, like a WebSocket call. It says

@@ -1,3 +1,5 @@
+//go:build linux
+
 // netlink.go counts sockets through the kernel's sock_diag netlink interface
 // (NETLINK_SOCK_DIAG, the one ss uses). The kernel tests the state and the
 // local port itself, so only matching sockets cross into user space: at tens
@@ -201,42 +203,4 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 		}
 	}
 	return false, nil
-}
-
-// socketSource is where connection counts and listeners come from.
-type socketSource interface {
-	name() string
-	established(port uint16) (int, error)
-	listeners(port uint16) ([]uint64, error)
-}
-
-// openSource picks where counts come from: "netlink", "proc", or "auto",
-// which is netlink unless the kernel or a sandbox (gVisor, a seccomp
-// profile) refuses it; then warn is told why /proc is used instead.
-func openSource(kind sourceFlag, warn func(msg string, err error)) (socketSource, error) {
-	if kind == "proc" {
-		return newProcSource(), nil
-	}
-	nl, err := newNetlinkSource()
-	switch {
-	case err == nil:
-		return nl, nil
-	case kind == "netlink":
-		return nil, err
-	}
-	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", err)
-	return newProcSource(), nil
-}
-
-// sourceFlag is --source: auto, netlink or proc.
-type sourceFlag string
-
-func (s *sourceFlag) String() string { return string(*s) }
-
-func (s *sourceFlag) Set(v string) error {
-	if v != "auto" && v != "netlink" && v != "proc" {
-		return errors.New("want auto, netlink or proc")
-	}
-	*s = sourceFlag(v)
-	return nil
 }
