@@ -70,16 +70,18 @@ func (fs procFS) pids() ([]int, error) {
 }
 
 // socketOwners returns the processes with an open fd on one of the socket
-// inodes, and how many processes' fds it was not allowed to read.
-func (fs procFS) socketOwners(inodes []uint64) (owners []process, denied int, err error) {
+// inodes, and those whose fds it was not allowed to read.
+func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
 	pids, err := fs.pids()
 	if err != nil {
-		return nil, 0, err
+		return nil, nil, err
 	}
 	for _, pid := range pids {
 		holds, err := fs.holdsSocket(pid, inodes)
 		if errors.Is(err, os.ErrPermission) {
-			denied++
+			if p, err := fs.stat(pid); err == nil {
+				unreadable = append(unreadable, p)
+			}
 			continue
 		}
 		if err != nil || !holds {
@@ -89,7 +91,7 @@ func (fs procFS) socketOwners(inodes []uint64) (owners []process, denied int, er
 			owners = append(owners, p)
 		}
 	}
-	return owners, denied, nil
+	return owners, unreadable, nil
 }
 
 // holdsSocket reports whether pid has an fd that is "socket:[inode]".
@@ -202,19 +204,33 @@ func (t targetFinder) find() ([]process, error) {
 	if len(inodes) == 0 {
 		return nil, fmt.Errorf("nothing listens on port %d", t.port)
 	}
-	owners, denied, err := t.fs.socketOwners(inodes)
+	owners, unreadable, err := t.fs.socketOwners(inodes)
 	if err != nil {
 		return nil, err
 	}
-	owners = rootsOf(withoutUnsafe(owners, t.protect))
-	switch {
-	case len(owners) > 0:
-		return owners, nil
-	case denied > 0:
-		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %d processes", t.port, denied),
+	// A process we may not inspect may hold the socket too: the master of a
+	// pre-fork server running as another user, say. Signalling only the
+	// workers we can see would leave it listening, so refuse instead.
+	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
+		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
 			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
 	}
+	if owners = rootsOf(withoutUnsafe(owners, t.protect)); len(owners) > 0 {
+		return owners, nil
+	}
 	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
+}
+
+// describe names a few processes for an error message.
+func describe(ps []process) string {
+	var names []string
+	for _, p := range ps[:min(len(ps), 3)] {
+		names = append(names, fmt.Sprintf("pid %d (%s)", p.pid, p.comm))
+	}
+	if len(ps) > 3 {
+		names = append(names, fmt.Sprintf("and %d more", len(ps)-3))
+	}
+	return strings.Join(names, ", ")
 }
 
 // signalProcess sends sig to p unless p has gone or its PID was reused.

@@ -32,7 +32,7 @@ func TestEndToEndInNamespaces(t *testing.T) {
 		}
 		t.Skip("skipped: creating network and PID namespaces needs root (run as root, as CI does)")
 	}
-	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper"} {
+	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper", "unreadable-master"} {
 		t.Run(name, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestNamespaceScenario$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), "WSDRAIN_NS_SCENARIO="+name)
@@ -65,6 +65,8 @@ func TestNamespaceScenario(t *testing.T) {
 		scenarioNoFIFO(t, pod)
 	case "wrapper":
 		scenarioWrapper(t, pod)
+	case "unreadable-master":
+		scenarioUnreadableMaster(t, pod)
 	default:
 		t.Fatalf("unknown scenario %q", name)
 	}
@@ -181,6 +183,33 @@ func scenarioWrapper(t *testing.T, pod *nsPod) {
 	}
 }
 
+// scenarioUnreadableMaster: a pre-fork server whose master runs as another
+// user (nginx: a root master, workers as nobody). The stopper, as the
+// workers' user, cannot read the master's fds; it must refuse rather than
+// signal only the workers, which the master would replace.
+func scenarioUnreadableMaster(t *testing.T, pod *nsPod) {
+	bin := copyForAnyUser(t, os.Args[0])
+	pod.startApp(t, false, bin, "--worker-uid", "65534")
+	stopper := exec.Command(bin, "stopper", "--target-port", "8080", "--fifo", pod.fifo, "--min-drain", "0s")
+	stopper.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=wsdrain")
+	stopper.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	stopper.Stderr = pod.stopperErr
+	if err := stopper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pod.waitStopper(t, stopper, 1)
+	t.Logf("stopper:\n%s", pod.stopperErr)
+	for _, want := range []string{"permission denied reading /proc/PID/fd", "hint: run the sidecar with the app's runAsUser"} {
+		if !strings.Contains(pod.stopperErr.String(), want) {
+			t.Errorf("stopper output lacks %q:\n%s", want, pod.stopperErr)
+		}
+	}
+	if strings.Contains(pod.stopperErr.String(), "signalled app") {
+		t.Errorf("the stopper signalled part of a server it could not fully see:\n%s", pod.stopperErr)
+	}
+	pod.assertNotSignalled(t, "a master the stopper cannot inspect")
+}
+
 // nsPod is what a pod holds: an app, the proxy, a stopper, an emptyDir.
 type nsPod struct {
 	dir, fifo            string
@@ -196,11 +225,18 @@ func newNSPod(t *testing.T) *nsPod {
 		proxyOut: &syncBuffer{}, stopperErr: &syncBuffer{}}
 }
 
-func (p *nsPod) startApp(t *testing.T, wrapped bool) {
+// startApp runs the demo app on port 8080, under a shell if wrapped; bin
+// and args, if given, replace the test binary and add app flags.
+func (p *nsPod) startApp(t *testing.T, wrapped bool, binArgs ...string) {
 	t.Helper()
-	p.app = exec.Command(os.Args[0], "--port", "8080")
+	bin := os.Args[0]
+	if len(binArgs) > 0 {
+		bin = binArgs[0]
+	}
+	args := append([]string{"--port", "8080"}, binArgs[min(1, len(binArgs)):]...)
+	p.app = exec.Command(bin, args...)
 	if wrapped {
-		p.app = exec.Command("/bin/sh", "-c", `"$0" --port 8080; echo wrapper: app exited`, os.Args[0])
+		p.app = exec.Command("/bin/sh", "-c", `"$0" --port 8080; echo wrapper: app exited`, bin)
 	}
 	p.app.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
 	stdout, _ := p.app.StdoutPipe()
@@ -399,10 +435,19 @@ func init() { testRoles["app"] = runTestApp }
 func runTestApp(args []string) int {
 	fs := flag.NewFlagSet("app", flag.ExitOnError)
 	port := fs.Int("port", 8080, "")
+	workerUID := fs.Int("worker-uid", -1, "also run a worker as this user, holding the listening socket (a pre-fork server)")
+	worker := fs.Bool("worker", false, "be that worker: hold fd 3 until a signal")
 	fs.Parse(args)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	if *worker {
+		fmt.Printf("worker: got %v\n", <-sigs)
+		return 0
+	}
 	ln, err := net.Listen("tcp", ":"+strconv.Itoa(*port))
+	if err == nil && *workerUID >= 0 {
+		err = startTestWorker(ln.(*net.TCPListener), uint32(*workerUID))
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -414,6 +459,19 @@ func runTestApp(args []string) int {
 	fmt.Printf("listening pid=%d\n", os.Getpid())
 	fmt.Printf("app: got %v\n", <-sigs)
 	return 0
+}
+
+// startTestWorker runs a worker of the demo app as uid, sharing ln.
+func startTestWorker(ln *net.TCPListener, uid uint32) error {
+	f, err := ln.File()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	cmd := exec.Command(os.Args[0], "--worker")
+	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = os.Stdout, os.Stderr, []*os.File{f}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}, Pdeathsig: syscall.SIGKILL}
+	return cmd.Start()
 }
 
 func serveEchoCall(w http.ResponseWriter, r *http.Request) {
