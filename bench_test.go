@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -66,7 +67,7 @@ func BenchmarkCountNetlink(b *testing.B) {
 		b.Skip(err)
 	}
 	defer nl.close()
-	benchCount(b, "conns", nl.established)
+	benchCount(b, "conns", callsOf(nl, exclusions{}))
 }
 
 // BenchmarkReadProcDiscard is the floor for any /proc parser: reading the
@@ -93,7 +94,7 @@ func BenchmarkReadProcDiscard(b *testing.B) {
 	})
 }
 
-func BenchmarkCountProc(b *testing.B) { benchCount(b, "conns", newProcSource().established) }
+func BenchmarkCountProc(b *testing.B) { benchCount(b, "conns", callsOf(newProcSource(), exclusions{})) }
 
 // BenchmarkCountNaive is the baseline: the parser of the write-up this tool
 // started from (bufio.Scanner and strings.Fields), given tcp6 as well.
@@ -128,8 +129,15 @@ func naiveCount(port uint16) (int, error) {
 }
 
 // BenchmarkParseTableInMemory is the per-line path alone: it must not
-// allocate, whatever the number of lines.
+// allocate, whatever the number of lines; with -ignore-peer, every remote
+// address is decoded and tested as well.
 func BenchmarkParseTableInMemory(b *testing.B) {
+	b.Run("port", func(b *testing.B) { benchParseTable(b, exclusions{}, 15000) })
+	peers := exclusions{peers: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}}
+	b.Run("port+peers", func(b *testing.B) { benchParseTable(b, peers, 15000) })
+}
+
+func benchParseTable(b *testing.B, ex exclusions, want int) {
 	raw, err := os.ReadFile("testdata/tcp-sl10000")
 	if err != nil {
 		b.Fatal(err)
@@ -143,8 +151,8 @@ func BenchmarkParseTableInMemory(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		r.Reset(table)
-		if n, err := p.countEstablished(r, 9090); err != nil || n != 15000 {
-			b.Fatalf("count = %d, %v", n, err)
+		if t, err := p.countEstablished(r, 9090, ex); err != nil || t.calls != want {
+			b.Fatalf("count = %d, %v", t.calls, err)
 		}
 	}
 }

@@ -14,7 +14,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"syscall"
+	"time"
 )
 
 // From linux/sock_diag.h, linux/inet_diag.h and net/tcp_states.h.
@@ -24,6 +26,9 @@ const (
 	inetDiagReqBytecode = 1  // INET_DIAG_REQ_BYTECODE attribute
 	inetDiagBcSGE       = 2  // INET_DIAG_BC_S_GE: local port >= operand
 	inetDiagBcSLE       = 3  // INET_DIAG_BC_S_LE: local port <= operand
+	inetDiagBcJmp       = 1  // INET_DIAG_BC_JMP: always takes "no"
+	inetDiagBcDCond     = 8  // INET_DIAG_BC_D_COND: remote address in a prefix
+	inetDiagInfo        = 2  // INET_DIAG_INFO attribute: struct tcp_info
 	tcpEstablished      = 1
 	tcpListen           = 10
 
@@ -31,8 +36,12 @@ const (
 	inetDiagReqV2Len = 56
 	inetDiagMsgLen   = 72
 	inetDiagInodeOff = 68 // idiag_inode in struct inet_diag_msg
-	bytecodeLen      = 16
-	requestLen       = nlmsgHdrLen + inetDiagReqV2Len + 4 + bytecodeLen
+	portTestLen      = 16 // the two port tests that open every filter
+	hostcondLen      = 8  // struct inet_diag_hostcond before its address
+
+	// In struct tcp_info: milliseconds since data was last sent, received.
+	tcpiLastDataSentOff = 44
+	tcpiLastDataRecvOff = 52
 )
 
 var errNetlinkMalformed = errors.New("netlink: malformed sock_diag reply")
@@ -41,7 +50,8 @@ var errNetlinkMalformed = errors.New("netlink: malformed sock_diag reply")
 type netlinkSource struct {
 	fd  int
 	seq uint32
-	req [requestLen]byte
+	req []byte // the request being sent
+	bc  []byte // its filter program
 	buf []byte
 }
 
@@ -62,7 +72,8 @@ func newNetlinkSource() (*netlinkSource, error) {
 	n := &netlinkSource{fd: fd, buf: make([]byte, 64<<10)}
 	// LISTEN only: the kernel then skips the established table, so the
 	// probe costs nothing however many connections there are.
-	if err := n.dump(syscall.AF_INET, 1<<tcpListen, 1, func([]byte) {}); err != nil {
+	n.bc = appendBytecode(n.bc[:0], 1, nil, false)
+	if err := n.dump(syscall.AF_INET, 1<<tcpListen, 0, func([]byte) {}); err != nil {
 		n.close()
 		return nil, err
 	}
@@ -74,22 +85,45 @@ func (n *netlinkSource) name() string { return "netlink" }
 func (n *netlinkSource) close() { syscall.Close(n.fd) }
 
 // established counts ESTABLISHED TCP sockets, IPv4 and IPv6, whose local
-// port is port.
-func (n *netlinkSource) established(port uint16) (int, error) {
-	count := 0
+// port is port. The kernel leaves out the excluded peers; a second dump, in
+// which only they cross into user space, counts them for the log. For
+// --ignore-idle the kernel adds each socket's tcp_info.
+func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
+	var t tally
+	var ext uint8
+	if ex.idle > 0 {
+		ext = 1 << (inetDiagInfo - 1)
+	}
+	countCall := func(msg []byte) {
+		if idle, ok := idleTime(msg); ext != 0 && ok && idle >= ex.idle {
+			t.excludedIdle++
+			return
+		}
+		t.calls++
+	}
 	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
-		if err := n.dump(family, 1<<tcpEstablished, port, func([]byte) { count++ }); err != nil {
-			return 0, err
+		n.bc = appendBytecode(n.bc[:0], port, ex.peers, false)
+		if err := n.dump(family, 1<<tcpEstablished, ext, countCall); err != nil {
+			return tally{}, err
+		}
+		if len(ex.peers) == 0 {
+			continue
+		}
+		n.bc = appendBytecode(n.bc[:0], port, ex.peers, true)
+		err := n.dump(family, 1<<tcpEstablished, 0, func([]byte) { t.excludedPeer++ })
+		if err != nil {
+			return tally{}, err
 		}
 	}
-	return count, nil
+	return t, nil
 }
 
 // listeners returns the inodes of LISTEN sockets on port.
 func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	var inodes []uint64
 	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
-		err := n.dump(family, 1<<tcpListen, port, func(msg []byte) {
+		n.bc = appendBytecode(n.bc[:0], port, nil, false)
+		err := n.dump(family, 1<<tcpListen, 0, func(msg []byte) {
 			inodes = append(inodes, uint64(binary.NativeEndian.Uint32(msg[inetDiagInodeOff:])))
 		})
 		if err != nil {
@@ -99,12 +133,13 @@ func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	return inodes, nil
 }
 
-// dump asks for the TCP sockets of one family in the given states with
-// local port port, and calls fn with each inet_diag_msg.
-func (n *netlinkSource) dump(family uint8, states uint32, port uint16, fn func(msg []byte)) error {
+// dump asks for the TCP sockets of one family in the given states that pass
+// the filter program in n.bc, with the extensions in ext, and calls fn with
+// each inet_diag_msg and its attributes.
+func (n *netlinkSource) dump(family uint8, states uint32, ext uint8, fn func(msg []byte)) error {
 	n.seq++
-	n.buildRequest(family, states, port)
-	if _, err := syscall.Write(n.fd, n.req[:]); err != nil {
+	n.buildRequest(family, states, ext)
+	if _, err := syscall.Write(n.fd, n.req); err != nil {
 		return fmt.Errorf("netlink sock_diag request: %w", err)
 	}
 	for {
@@ -136,34 +171,107 @@ func (n *netlinkSource) receive() (int, error) {
 	}
 }
 
-// buildRequest fills n.req: nlmsghdr, inet_diag_req_v2, and a bytecode
-// filter "sport >= port && sport <= port" (S_EQ would need Linux 4.16).
-func (n *netlinkSource) buildRequest(family uint8, states uint32, port uint16) {
-	b, le := n.req[:], binary.NativeEndian
-	le.PutUint32(b[0:], requestLen)
-	le.PutUint16(b[4:], sockDiagByFamily)
-	le.PutUint16(b[6:], syscall.NLM_F_REQUEST|syscall.NLM_F_DUMP)
-	le.PutUint32(b[8:], n.seq)
-	le.PutUint32(b[12:], 0)
+// buildRequest fills n.req: nlmsghdr, inet_diag_req_v2, and n.bc.
+func (n *netlinkSource) buildRequest(family uint8, states uint32, ext uint8) {
+	const head = nlmsgHdrLen + inetDiagReqV2Len + 4
+	n.req = append(n.req[:0], make([]byte, head)...)
+	n.req = append(n.req, n.bc...)
+	b, ne := n.req, binary.NativeEndian
+	ne.PutUint32(b[0:], uint32(len(b)))
+	ne.PutUint16(b[4:], sockDiagByFamily)
+	ne.PutUint16(b[6:], syscall.NLM_F_REQUEST|syscall.NLM_F_DUMP)
+	ne.PutUint32(b[8:], n.seq)
 	r := b[nlmsgHdrLen:]
-	clear(r)
-	r[0], r[1] = family, syscall.IPPROTO_TCP
-	le.PutUint32(r[4:], states)
+	r[0], r[1], r[2] = family, syscall.IPPROTO_TCP, ext
+	ne.PutUint32(r[4:], states)
 	a := r[inetDiagReqV2Len:]
-	le.PutUint16(a[0:], 4+bytecodeLen)
-	le.PutUint16(a[2:], inetDiagReqBytecode)
-	// Each test is an op {code, yes, no} and an operand op holding the port.
-	// "yes" jumps to the next test; "no" jumps past the end, which rejects.
-	bc := a[4:]
-	putOp(bc[0:], inetDiagBcSGE, 8, 20)
-	putOp(bc[4:], 0, 0, port)
-	putOp(bc[8:], inetDiagBcSLE, 8, 12)
-	putOp(bc[12:], 0, 0, port)
+	ne.PutUint16(a[0:], uint16(4+len(n.bc)))
+	ne.PutUint16(a[2:], inetDiagReqBytecode)
 }
 
-func putOp(b []byte, code, yes uint8, no uint16) {
-	b[0], b[1] = code, yes
-	binary.NativeEndian.PutUint16(b[2:], no)
+// appendBytecode appends the kernel's filter program (net/ipv4/inet_diag.c,
+// inet_diag_bc_run): local port is port (S_EQ would need Linux 4.16, so
+// ">= port && <= port"), and the remote address in none of peers, or, with
+// inPeers, in one of them.
+//
+// Each op is {code, yes, no}: the kernel moves on by "yes" bytes when the
+// test holds, else by "no". Landing exactly on the end accepts the socket;
+// landing 4 bytes past it rejects. JMP always takes "no". A D_COND with an
+// IPv4 prefix also matches IPv4-mapped remotes of IPv6 sockets.
+func appendBytecode(b []byte, port uint16, peers []netip.Prefix, inPeers bool) []byte {
+	total := portTestLen
+	for _, p := range peers {
+		total += hostcondOpLen(p) + 4 // the test and a JMP after it
+	}
+	if inPeers && len(peers) > 0 {
+		total -= 4 // the last test needs no JMP
+	}
+	start := len(b)
+	left := func() int { return total - (len(b) - start) } // bytes from here to the end
+	b = appendOp(b, inetDiagBcSGE, 8, uint16(left()+4))
+	b = appendOp(b, 0, 0, port)
+	b = appendOp(b, inetDiagBcSLE, 8, uint16(left()+4))
+	b = appendOp(b, 0, 0, port)
+	for i, p := range peers {
+		size := hostcondOpLen(p)
+		// Not in p: skip the JMP, on to the next test (or, after the
+		// last one, to the end: accept, or 4 past it with inPeers: reject).
+		b = appendHostcond(b, p, uint8(size), uint16(size+4))
+		if inPeers && i == len(peers)-1 {
+			break // in p: "yes" lands on the end, accepted
+		}
+		// In p: the JMP rejects the socket, or with inPeers accepts it.
+		jump := left()
+		if !inPeers {
+			jump += 4
+		}
+		b = appendOp(b, inetDiagBcJmp, 4, uint16(jump))
+	}
+	return b
+}
+
+func appendOp(b []byte, code, yes uint8, no uint16) []byte {
+	b = append(b, code, yes, 0, 0)
+	binary.NativeEndian.PutUint16(b[len(b)-2:], no)
+	return b
+}
+
+// hostcondOpLen is a D_COND op: the op, struct inet_diag_hostcond, the address.
+func hostcondOpLen(p netip.Prefix) int { return 4 + hostcondLen + p.Addr().BitLen()/8 }
+
+// appendHostcond appends a D_COND op testing the remote address against p,
+// any remote port.
+func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
+	family := uint8(syscall.AF_INET6)
+	if p.Addr().Is4() {
+		family = syscall.AF_INET
+	}
+	b = appendOp(b, inetDiagBcDCond, yes, no)
+	b = append(b, family, uint8(p.Bits()), 0, 0, 0xff, 0xff, 0xff, 0xff) // port -1: any
+	return append(b, p.Addr().AsSlice()...)                              // network byte order
+}
+
+// idleTime is how long no data has moved either way on the socket of msg,
+// from the tcp_info attribute that follows it; ok is false without one.
+func idleTime(msg []byte) (idle time.Duration, ok bool) {
+	ne := binary.NativeEndian
+	attrs := msg[inetDiagMsgLen:]
+	for len(attrs) >= 4 {
+		size, typ := int(ne.Uint16(attrs)), ne.Uint16(attrs[2:])
+		if size < 4 || size > len(attrs) {
+			return 0, false
+		}
+		if typ == inetDiagInfo {
+			info := attrs[4:size]
+			if len(info) < tcpiLastDataRecvOff+4 {
+				return 0, false
+			}
+			ms := min(ne.Uint32(info[tcpiLastDataSentOff:]), ne.Uint32(info[tcpiLastDataRecvOff:]))
+			return time.Duration(ms) * time.Millisecond, true
+		}
+		attrs = attrs[min(len(attrs), (size+3)&^3):]
+	}
+	return 0, false
 }
 
 // parseDiagReply walks one datagram of netlink messages. It reports done at

@@ -6,10 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestSourcesAgree opens live dual-stack connections in this network
@@ -40,7 +42,7 @@ func TestSourcesAgree(t *testing.T) {
 	}
 	proc := newProcSource()
 	for name, src := range map[string]socketSource{"netlink": nl, "proc": proc} {
-		if n, err := src.established(port); err != nil || n != 5 {
+		if n, err := callsOf(src, exclusions{})(port); err != nil || n != 5 {
 			t.Errorf("%s: established = %d, %v; want 5 (3 IPv4-mapped, 2 IPv6)", name, n, err)
 		}
 	}
@@ -95,6 +97,165 @@ func TestParseDiagReply(t *testing.T) {
 			done, err := parseDiagReply(tt.reply, 7, func([]byte) { n++ })
 			if n != tt.count || done != tt.done || !errors.Is(err, tt.wantErr) || (tt.wantErr == nil) != (err == nil) {
 				t.Fatalf("got %d sockets, done %v, err %v; want %d, %v, %v", n, done, err, tt.count, tt.done, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestAppendBytecode checks the filter program's layout against the kernel's
+// rules (inet_diag_bc_audit): every op's "yes" moves to the next op, every
+// "no" lands on an op, on the end (accept) or 4 past it (reject).
+func TestAppendBytecode(t *testing.T) {
+	ne := binary.NativeEndian
+	op := func(code, yes uint8, no uint16) []byte {
+		b := []byte{code, yes, 0, 0}
+		ne.PutUint16(b[2:], no)
+		return b
+	}
+	v4 := []byte{syscall.AF_INET, 8, 0, 0, 0xff, 0xff, 0xff, 0xff, 10, 0, 0, 0}
+	v6 := slices.Concat([]byte{syscall.AF_INET6, 16, 0, 0, 0xff, 0xff, 0xff, 0xff}, netip.MustParseAddr("fd00::").AsSlice())
+	peers := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/16")}
+	// The codes as linux/inet_diag.h numbers them, not wsdrain's constants.
+	const sGE, sLE, jmp, dCond = 2, 3, 1, 8
+	// Lengths: ports 16, v4 test 16 + JMP 4, v6 test 28 + JMP 4: 68.
+	tests := []struct {
+		name    string
+		peers   []netip.Prefix
+		inPeers bool
+		want    []byte
+	}{
+		{"port only", nil, false, slices.Concat(
+			op(sGE, 8, 20), op(0, 0, 8080), op(sLE, 8, 12), op(0, 0, 8080))},
+		{"port, remote in no peer network", peers, false, slices.Concat(
+			op(sGE, 8, 72), op(0, 0, 8080), op(sLE, 8, 64), op(0, 0, 8080),
+			op(dCond, 16, 20), v4, op(jmp, 4, 40), // in 10/8: 4 past the end, reject
+			op(dCond, 28, 32), v6, op(jmp, 4, 8))}, // in fd00::/16: reject; else the end
+		{"port, remote in a peer network", peers, true, slices.Concat(
+			op(sGE, 8, 68), op(0, 0, 8080), op(sLE, 8, 60), op(0, 0, 8080),
+			op(dCond, 16, 20), v4, op(jmp, 4, 32), // in 10/8: the end, accept
+			op(dCond, 28, 32), v6)}, // in fd00::/16: the end; else 4 past it
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := appendBytecode([]byte{0xAA}, 8080, tt.peers, tt.inPeers)
+			if got[0] != 0xAA || !slices.Equal(got[1:], tt.want) {
+				t.Fatalf("bytecode\n got % x\nwant % x", got[1:], tt.want)
+			}
+		})
+	}
+}
+
+// TestPeerAndIdleExclusionsLive runs the filter programs in this kernel on
+// live connections from three loopback addresses, IPv4-mapped and IPv6, and
+// checks netlink and /proc leave out the same peers.
+func TestPeerAndIdleExclusionsLive(t *testing.T) {
+	nl, err := newNetlinkSource()
+	if err != nil {
+		t.Fatalf("netlink sock_diag refused in this namespace: %v", err)
+	}
+	defer nl.close()
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	dial := func(local, remote string) {
+		t.Helper()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
+		c, err := d.Dial("tcp", net.JoinHostPort(remote, strconv.Itoa(port)))
+		if err != nil {
+			t.Skipf("cannot dial from %s here: %v", local, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+	}
+	dial("127.0.0.2", "127.0.0.1") // IPv4-mapped on the dual-stack listener
+	dial("127.0.0.2", "127.0.0.1")
+	dial("127.0.0.3", "127.0.0.1")
+	dial("::1", "::1")
+	tests := []struct {
+		name string
+		ex   exclusions
+		want tally
+	}{
+		{"nothing left out", exclusions{}, tally{calls: 4}},
+		{"one IPv4 host matches its mapped remote", peerExclusions("127.0.0.3/32"), tally{calls: 3, excludedPeer: 1}},
+		{"an IPv4 network", peerExclusions("127.0.0.2/31"), tally{calls: 1, excludedPeer: 3}},
+		{"IPv6 and IPv4 together", peerExclusions("::1/128", "127.0.0.2/32"), tally{calls: 1, excludedPeer: 3}},
+		{"the mapped form, as IPv6", peerExclusions("::ffff:127.0.0.0/120"), tally{calls: 1, excludedPeer: 3}},
+		{"no match", peerExclusions("10.0.0.0/8", "fd00::/8"), tally{calls: 4}},
+	}
+	proc := newProcSource()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for name, src := range map[string]socketSource{"netlink": nl, "proc": proc} {
+				if got, err := src.established(uint16(port), tt.ex); err != nil || got != tt.want {
+					t.Errorf("%s: %+v, %v; want %+v", name, got, err, tt.want)
+				}
+			}
+		})
+	}
+	t.Run("the largest program the flags allow", func(t *testing.T) {
+		var ex exclusions
+		for i := range maxPeers {
+			ex.peers = append(ex.peers, netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, byte(i)}), 16))
+		}
+		if got, err := nl.established(uint16(port), ex); err != nil || got != (tally{calls: 4}) {
+			t.Errorf("%d IPv6 networks: %+v, %v; want 4 calls", maxPeers, got, err)
+		}
+	})
+	t.Run("idle", func(t *testing.T) {
+		if got, err := nl.established(uint16(port), exclusions{idle: time.Hour}); err != nil || got != (tally{calls: 4}) {
+			t.Errorf("idle for an hour: %+v, %v; want 4 calls", got, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if got, err := nl.established(uint16(port), exclusions{idle: 10 * time.Millisecond}); err != nil || got != (tally{excludedIdle: 4}) {
+			t.Errorf("idle for 10ms: %+v, %v; want 4 idle", got, err)
+		}
+	})
+}
+
+// tcpInfoMessage is an inet_diag_msg followed by attributes, the tcp_info
+// one saying data was last sent sentMs and received recvMs ago.
+func tcpInfoMessage(sentMs, recvMs uint32, infoLen int) []byte {
+	ne := binary.NativeEndian
+	msg := make([]byte, inetDiagMsgLen)
+	shutdown := []byte{5, 0, 8, 0, 0, 0, 0, 0} // INET_DIAG_SHUTDOWN, 1 byte, padded
+	info := make([]byte, 4+infoLen)
+	ne.PutUint16(info, uint16(len(info)))
+	ne.PutUint16(info[2:], inetDiagInfo)
+	if infoLen >= tcpiLastDataRecvOff+4 {
+		ne.PutUint32(info[4+tcpiLastDataSentOff:], sentMs)
+		ne.PutUint32(info[4+tcpiLastDataRecvOff:], recvMs)
+	}
+	return slices.Concat(msg, shutdown, info)
+}
+
+func TestIdleTime(t *testing.T) {
+	tests := []struct {
+		name   string
+		msg    []byte
+		want   time.Duration
+		wantOK bool
+	}{
+		{"received last", tcpInfoMessage(9000, 250, 232), 250 * time.Millisecond, true},
+		{"sent last", tcpInfoMessage(20, 3000, 232), 20 * time.Millisecond, true},
+		{"idle both ways", tcpInfoMessage(61000, 60000, 232), time.Minute, true},
+		{"an old kernel's shorter tcp_info", tcpInfoMessage(5, 7, 104), 5 * time.Millisecond, true},
+		{"tcp_info cut before the times", tcpInfoMessage(5, 7, 40), 0, false},
+		{"no tcp_info", make([]byte, inetDiagMsgLen), 0, false},
+		{"attribute longer than the message", tcpInfoMessage(5, 7, 232)[:inetDiagMsgLen+8+40], 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := idleTime(tt.msg)
+			if got != tt.want || ok != tt.wantOK {
+				t.Fatalf("idleTime = %v, %v; want %v, %v", got, ok, tt.want, tt.wantOK)
 			}
 		})
 	}

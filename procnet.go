@@ -6,9 +6,11 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 )
 
@@ -38,21 +40,26 @@ func newProcSource(paths ...string) *procSource {
 
 func (p *procSource) name() string { return "proc" }
 
-// established counts ESTABLISHED sockets whose local port is port.
-func (p *procSource) established(port uint16) (int, error) {
-	n := 0
+// established counts ESTABLISHED sockets whose local port is port, leaving
+// out the peers in ex. It cannot tell idleness: openSource never gives it
+// an --ignore-idle.
+func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
+	if ex.idle > 0 {
+		return tally{}, errors.New("/proc/net/tcp does not show when data last moved: -ignore-idle needs netlink")
+	}
+	var t tally
 	err := p.eachTable(func(path string, r io.Reader) error {
-		c, err := p.countEstablished(r, port)
+		c, err := p.countEstablished(r, port, ex)
 		if err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
-		n += c
+		t.calls, t.excludedPeer = t.calls+c.calls, t.excludedPeer+c.excludedPeer
 		return nil
 	})
 	if err != nil {
-		return 0, err
+		return tally{}, err
 	}
-	return n, nil
+	return t, nil
 }
 
 // listeners returns the inodes of LISTEN sockets on port, for finding the
@@ -89,21 +96,25 @@ func (p *procSource) eachTable(fn func(path string, r io.Reader) error) error {
 	return nil
 }
 
-// countEstablished counts the ESTABLISHED rows of one table whose local
+// countEstablished tallies the ESTABLISHED rows of one table whose local
 // port is port. Only the local side counts: inside the pod both ends of a
 // loopback connection are listed, and the client end has port as its remote.
-func (p *procSource) countEstablished(r io.Reader, port uint16) (int, error) {
+func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (tally, error) {
 	want := hexPort(port)
-	n := 0
+	var t tally
 	err := p.eachRow(r, false, func(row tableRow) {
-		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateEstablished {
-			n++
+		switch {
+		case !bytes.Equal(row.localPort, want[:]) || string(row.state) != stateEstablished:
+		case len(ex.peers) > 0 && ex.excludesPeer(procAddr(row.remoteAddr)):
+			t.excludedPeer++
+		default:
+			t.calls++
 		}
 	})
 	if err != nil {
-		return 0, err
+		return tally{}, err
 	}
-	return n, nil
+	return t, nil
 }
 
 // listenInodes appends to inodes the socket inodes of LISTEN rows on port.
@@ -119,9 +130,10 @@ func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]
 
 // tableRow is what wsdrain needs of a line; the slices alias the buffer.
 type tableRow struct {
-	localPort []byte
-	state     []byte
-	inode     uint64
+	localPort  []byte
+	remoteAddr []byte // hex, as procAddr reads it
+	state      []byte
+	inode      uint64
 }
 
 // eachRow checks the header and calls fn for every row, with its inode if
@@ -181,19 +193,15 @@ func parseRow(line []byte, withInode bool) (tableRow, bool) {
 	local, rest := nextField(rest)
 	remote, rest := nextField(rest)
 	state, rest := nextField(rest)
-	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) || len(remote) == 0 {
+	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) {
 		return tableRow{}, false
 	}
-	// local is ADDR:PORT in hex: 8 digits for IPv4, 32 for IPv6 (where an
-	// IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d).
-	addrLen := len(local) - 5
-	if (addrLen != 8 && addrLen != 32) || local[addrLen] != ':' || !isHex(local[:addrLen]) || !isHex(local[addrLen+1:]) {
+	_, localPort, ok1 := splitAddrPort(local)
+	remoteAddr, _, ok2 := splitAddrPort(remote)
+	if !ok1 || !ok2 || len(state) != 2 || !isHex(state) {
 		return tableRow{}, false
 	}
-	if len(state) != 2 || !isHex(state) {
-		return tableRow{}, false
-	}
-	row := tableRow{localPort: local[addrLen+1:], state: state}
+	row := tableRow{localPort: localPort, remoteAddr: remoteAddr, state: state}
 	if !withInode {
 		return row, true
 	}
@@ -206,6 +214,30 @@ func parseRow(line []byte, withInode bool) (tableRow, bool) {
 	}
 	row.inode = parseDigits(inode)
 	return row, true
+}
+
+// splitAddrPort splits ADDR:PORT in hex: 8 address digits for IPv4, 32 for
+// IPv6 (where an IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d).
+func splitAddrPort(field []byte) (addr, port []byte, ok bool) {
+	addrLen := len(field) - 5
+	if (addrLen != 8 && addrLen != 32) || field[addrLen] != ':' || !isHex(field[:addrLen]) || !isHex(field[addrLen+1:]) {
+		return nil, nil, false
+	}
+	return field[:addrLen], field[addrLen+1:], true
+}
+
+// procAddr decodes an address that splitAddrPort checked. The kernel prints
+// each 32-bit word of it as a number in host byte order, so each word goes
+// back into memory the same way to give the bytes in network order.
+func procAddr(hex []byte) netip.Addr {
+	var b [16]byte
+	for i := 0; i < len(hex)/8; i++ {
+		binary.NativeEndian.PutUint32(b[4*i:], uint32(parseHex(hex[8*i:8*i+8])))
+	}
+	if len(hex) == 8 {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
 }
 
 // nextField returns the first space-separated field of s and what follows it.
@@ -243,6 +275,19 @@ func isDigits(b []byte) bool {
 		}
 	}
 	return len(b) > 0
+}
+
+// parseHex reads upper-case hex digits that isHex checked.
+func parseHex(b []byte) uint64 {
+	var n uint64
+	for _, c := range b {
+		d := c - '0'
+		if c >= 'A' {
+			d = c - 'A' + 10
+		}
+		n = n<<4 | uint64(d)
+	}
+	return n
 }
 
 func parseDigits(b []byte) uint64 {

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The testdata tables are captures of a real kernel's /proc/net/tcp and tcp6
@@ -35,7 +37,8 @@ func TestCountEstablished(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := newProcSource().countEstablished(openTestdata(t, tt.file), tt.port)
+			tl, err := newProcSource().countEstablished(openTestdata(t, tt.file), tt.port, exclusions{})
+			got := tl.calls
 			if tt.fails {
 				if err == nil {
 					t.Fatalf("count = %d, nil error; want an error", got)
@@ -66,26 +69,29 @@ func TestProcSourceReadsBothTables(t *testing.T) {
 	copyTestdata(t, "tcp", filepath.Join(dir, "tcp"))
 	copyTestdata(t, "tcp6", filepath.Join(dir, "tcp6"))
 	src := newProcSource(filepath.Join(dir, "tcp"), filepath.Join(dir, "tcp6"))
-	if n, err := src.established(8080); err != nil || n != 2 {
+	if n, err := callsOf(src, exclusions{})(8080); err != nil || n != 2 {
 		t.Errorf("established(8080) over tcp and tcp6 = %d, %v; want 2", n, err)
 	}
-	if n, err := src.established(9090); err != nil || n != 1 {
+	if n, err := callsOf(src, exclusions{})(9090); err != nil || n != 1 {
 		t.Errorf("established(9090) over tcp and tcp6 = %d, %v; want 1", n, err)
 	}
 
 	noV6 := newProcSource(filepath.Join(dir, "tcp"), filepath.Join(dir, "missing-tcp6"))
-	if n, err := noV6.established(9090); err != nil || n != 1 {
+	if n, err := callsOf(noV6, exclusions{})(9090); err != nil || n != 1 {
 		t.Errorf("with no tcp6 table: established(9090) = %d, %v; want 1", n, err)
 	}
 	noV4 := newProcSource(filepath.Join(dir, "missing-tcp"), filepath.Join(dir, "tcp6"))
-	if n, err := noV4.established(8080); err == nil {
+	if n, err := callsOf(noV4, exclusions{})(8080); err == nil {
 		t.Errorf("with no tcp table: established = %d, nil error; want an error", n)
 	}
 	copyTestdata(t, "tcp6-garbage", filepath.Join(dir, "tcp6"))
-	if n, err := src.established(8080); err == nil {
+	if n, err := callsOf(src, exclusions{})(8080); err == nil {
 		t.Errorf("with a damaged tcp6: established = %d, nil error; want an error", n)
 	}
 }
+
+// fuzzPeers makes the fuzzer decode remote addresses too.
+var fuzzPeers = exclusions{peers: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}}
 
 // FuzzParseTable feeds arbitrary tables to the parser: it must never panic,
 // and a count it reports can be no larger than the rows it was given.
@@ -99,7 +105,8 @@ func FuzzParseTable(f *testing.F) {
 	}
 	p := newProcSource()
 	f.Fuzz(func(t *testing.T, table []byte, port uint16) {
-		n, err := p.countEstablished(strings.NewReader(string(table)), port)
+		tl, err := p.countEstablished(strings.NewReader(string(table)), port, fuzzPeers)
+		n := tl.calls + tl.excludedPeer
 		if err == nil && n > strings.Count(string(table), "\n") {
 			t.Fatalf("count %d exceeds the %d lines given", n, strings.Count(string(table), "\n"))
 		}
@@ -130,5 +137,42 @@ func copyTestdata(t *testing.T, name, to string) {
 	}
 	if err := os.WriteFile(to, b, 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The -peers captures hold, in a network namespace: a dual-stack listener
+// on 8080 with IPv4 clients from 127.0.0.2 (two) and 127.0.0.3, listed in
+// tcp6 as IPv4-mapped, and one IPv6 client from ::1; an IPv4 listener on
+// 9090 with clients from 127.0.0.2 and 127.0.0.3.
+func TestCountEstablishedLeavesOutPeers(t *testing.T) {
+	tests := []struct {
+		name string
+		file string
+		port uint16
+		ex   exclusions
+		want tally
+	}{
+		{"no exclusion", "tcp6-peers", 8080, exclusions{}, tally{calls: 4}},
+		{"an IPv4 host matches its mapped remote", "tcp6-peers", 8080, peerExclusions("127.0.0.3/32"), tally{calls: 3, excludedPeer: 1}},
+		{"an IPv4 network", "tcp6-peers", 8080, peerExclusions("127.0.0.2/31"), tally{calls: 1, excludedPeer: 3}},
+		{"an IPv6 host", "tcp6-peers", 8080, peerExclusions("::1/128"), tally{calls: 3, excludedPeer: 1}},
+		{"the mapped network written as IPv6", "tcp6-peers", 8080, peerExclusions("::ffff:127.0.0.2/128"), tally{calls: 2, excludedPeer: 2}},
+		{"an IPv6 network never matches IPv4 rows", "tcp-peers", 9090, peerExclusions("::/1"), tally{calls: 2}},
+		{"IPv4 table", "tcp-peers", 9090, peerExclusions("127.0.0.3/32"), tally{calls: 1, excludedPeer: 1}},
+		{"client ends are not counted, excluded or not", "tcp-peers", 8080, peerExclusions("127.0.0.1/32"), tally{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := newProcSource().countEstablished(openTestdata(t, tt.file), tt.port, tt.ex)
+			if err != nil || got != tt.want {
+				t.Fatalf("%+v, %v; want %+v", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestProcSourceRefusesIdle(t *testing.T) {
+	if _, err := newProcSource().established(8080, exclusions{idle: time.Minute}); err == nil {
+		t.Fatal("the /proc source counted with -ignore-idle; it cannot see idleness")
 	}
 }

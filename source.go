@@ -6,13 +6,14 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"runtime"
 )
 
 // socketSource is where connection counts and listeners come from.
 type socketSource interface {
 	name() string
-	established(port uint16) (int, error)
+	established(port uint16, ex exclusions) (tally, error)
 	listeners(port uint16) ([]uint64, error)
 }
 
@@ -23,7 +24,8 @@ var errLinuxOnly = errors.New("wsdrain runs on Linux: it counts connections thro
 // openSource picks where counts come from: "netlink", "proc", or "auto",
 // which is netlink unless the kernel or a sandbox (gVisor, a seccomp
 // profile) refuses it; then warn is told why /proc is used instead.
-func openSource(kind sourceFlag, warn func(msg string, err error)) (socketSource, error) {
+// --ignore-idle has no /proc fallback: the tables do not show idleness.
+func openSource(kind sourceFlag, ex exclusions, warn func(msg string, err error)) (socketSource, error) {
 	if runtime.GOOS != "linux" {
 		return nil, errLinuxOnly
 	}
@@ -36,6 +38,9 @@ func openSource(kind sourceFlag, warn func(msg string, err error)) (socketSource
 		return nl, nil
 	case kind == "netlink":
 		return nil, err
+	case ex.idle > 0:
+		return nil, hintError{fmt.Errorf("-ignore-idle needs netlink sock_diag: %w", err),
+			"drop -ignore-idle (-ignore-peer works from /proc too), or allow sock_diag in the sandbox"}
 	}
 	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", err)
 	return newProcSource(), nil

@@ -48,6 +48,12 @@ flags:
   -source S               where counts come from: netlink (sock_diag, the kernel
                           filters), proc (/proc/net/tcp and tcp6), or auto:
                           netlink unless refused, then proc (default auto)
+  -ignore-peer CIDR       connections from this network are not calls: a metrics
+                          scraper, a mesh proxy's pool; repeatable; an IPv4
+                          network also matches IPv4-mapped IPv6 remotes
+  -ignore-idle D          connections with no data either way for D are not calls;
+                          D at least 1s and above the app's own ping period; needs
+                          netlink (default 0: off)
 
 exit status: 0 when the app was signalled (or a previous run already did),
 1 when no target was found or it could not be signalled, 2 for bad usage.
@@ -63,6 +69,7 @@ type stopperConfig struct {
 	targetProcess string
 	signal        syscall.Signal
 	source        sourceFlag
+	exclude       exclusions
 }
 
 func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
@@ -82,6 +89,7 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	sigName := fs.String("signal", "TERM", "")
 	source := sourceFlag("auto")
 	fs.Var(&source, "source", "")
+	exclude := addExclusionFlags(fs)
 	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
 		return stopperConfig{}, err
 	}
@@ -89,7 +97,11 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	if err != nil {
 		return stopperConfig{}, err
 	}
-	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig, source}, nil
+	ex, err := exclude.exclusions("stopper", source)
+	if err != nil {
+		return stopperConfig{}, err
+	}
+	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig, source, ex}, nil
 }
 
 // runStopper wires the stopper to the real kernel tables, /proc and pipe.
@@ -105,7 +117,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
 	))
 	fs := procFS{root: "/proc"}
-	source, err := openSource(cfg.source, func(msg string, err error) { log.Warn(msg, "err", err) })
+	source, err := openSource(cfg.source, cfg.exclude, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
 		log.Error("cannot count connections", "err", err)
 		return err
@@ -117,7 +129,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		log:    log,
 		source: source.name(),
 		events: events,
-		count:  func() (int, error) { return source.established(cfg.port) },
+		count:  func() (tally, error) { return source.established(cfg.port, cfg.exclude) },
 		notify: pipe.send,
 		now:    time.Now,
 		sleep:  sleepCtx,
@@ -178,7 +190,7 @@ type stopper struct {
 	log    *slog.Logger
 	source string      // where counts come from, for the log
 	events eventWaiter // nil: no destroy events, poll only
-	count  func() (int, error)
+	count  func() (tally, error)
 	notify func(msg string) error
 	now    func() time.Time
 	sleep  func(ctx context.Context, d time.Duration) error
@@ -191,7 +203,8 @@ type stopper struct {
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
-		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil))
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
+		"not_calls", s.cfg.exclude.String())
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
 	}
@@ -219,16 +232,17 @@ func (s *stopper) run(ctx context.Context) error {
 // is read twice before it is believed: neither /proc nor a netlink dump is
 // a snapshot of the socket tables, so one reading can miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
-	r := countReporter{log: s.log, last: -1}
+	r := countReporter{log: s.log, last: tally{calls: -1}}
 	for {
 		started := s.now()
-		n, err := s.count()
+		t, err := s.count()
 		cost := s.now().Sub(started)
 		elapsed := s.now().Sub(begun)
-		if err == nil && n == 0 && elapsed >= s.cfg.minDrain {
-			n, err = s.secondReading(elapsed)
+		if err == nil && t.calls == 0 && elapsed >= s.cfg.minDrain {
+			t, err = s.secondReading(elapsed)
 		}
-		r.report(n, err, elapsed)
+		n := t.calls
+		r.report(t, err, elapsed)
 		if err == nil && n == 0 && elapsed >= s.cfg.minDrain {
 			s.log.Info("no connections left", "elapsed", elapsed.Round(time.Millisecond))
 			return nil
@@ -245,13 +259,13 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 }
 
 // secondReading counts again after a zero; what it reads stands.
-func (s *stopper) secondReading(elapsed time.Duration) (int, error) {
-	n, err := s.count()
-	if err != nil || n != 0 {
+func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
+	t, err := s.count()
+	if err != nil || t.calls != 0 {
 		s.log.Warn("a zero count was not confirmed by a second reading; waiting",
-			"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
+			"connections", countAttr(t.calls, err), "elapsed", elapsed.Round(time.Millisecond))
 	}
-	return n, err
+	return t, err
 }
 
 // recountGap is how many times the last count's cost must pass before a
@@ -291,30 +305,31 @@ func (s *stopper) nextWait(n int, err error, elapsed time.Duration) time.Duratio
 	return wait
 }
 
-// countReporter logs every change of the count, and a reminder each minute.
+// countReporter logs every change of the tally, and a reminder each minute.
 type countReporter struct {
 	log        *slog.Logger
-	last       int
+	last       tally
 	lastErr    string
 	lastLogged time.Duration
 }
 
-func (r *countReporter) report(n int, err error, elapsed time.Duration) {
+func (r *countReporter) report(t tally, err error, elapsed time.Duration) {
 	at := elapsed.Round(time.Millisecond)
 	switch {
 	case err != nil && err.Error() != r.lastErr:
 		r.log.Warn("connection count unknown; waiting, not signalling", "err", err, "elapsed", at)
-	case err == nil && n != r.last:
-		r.log.Info("connections open", "count", n, "elapsed", at)
+	case err == nil && t != r.last:
+		r.log.Info("connections open", "count", t.calls, "excluded_peer", t.excludedPeer,
+			"excluded_idle", t.excludedIdle, "elapsed", at)
 	case elapsed-r.lastLogged >= time.Minute:
-		r.log.Info("still draining", "connections", countAttr(n, err), "elapsed", at)
+		r.log.Info("still draining", "connections", countAttr(t.calls, err), "elapsed", at)
 	default:
 		return
 	}
 	r.lastLogged = elapsed
-	r.last, r.lastErr = n, ""
+	r.last, r.lastErr = t, ""
 	if err != nil {
-		r.last, r.lastErr = -1, err.Error()
+		r.last, r.lastErr = tally{calls: -1}, err.Error()
 	}
 }
 
@@ -347,15 +362,18 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 const countHelp = `usage: wsdrain count [flags]
 
 Prints one integer: the ESTABLISHED connections whose local port is
--target-port, in this network namespace. Run it with kubectl exec in the
-sidecar to see the live calls.
+-target-port, in this network namespace, less those the -ignore flags leave
+out. Run it with kubectl exec in the sidecar to see the live calls.
 
 example:
-  kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080
+  kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
 
 flags:
-  -target-port N   the app's port (default 8080)
-  -source S        netlink, proc or auto (default auto: netlink unless refused)
+  -target-port N       the app's port (default 8080)
+  -source S            netlink, proc or auto (default auto: netlink unless refused)
+  -ignore-peer CIDR    connections from this network are not calls; repeatable
+  -ignore-idle D       connections with no data either way for D are not calls;
+                       needs netlink (default 0: off)
 
 exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
 `
@@ -366,18 +384,23 @@ func runCount(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&port, "target-port", "")
 	source := sourceFlag("auto")
 	fs.Var(&source, "source", "")
+	exclude := addExclusionFlags(fs)
 	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
 		return err
 	}
+	ex, err := exclude.exclusions("count", source)
+	if err != nil {
+		return err
+	}
 	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
-	src, err := openSource(source, warn)
+	src, err := openSource(source, ex, warn)
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}
-	n, err := src.established(uint16(port))
+	t, err := src.established(uint16(port), ex)
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}
-	fmt.Fprintln(stdout, n)
+	fmt.Fprintln(stdout, t.calls)
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -58,13 +59,13 @@ func runScriptedStopper(t *testing.T, cfg stopperConfig, script []countResult) (
 	s := &stopper{
 		cfg: cfg,
 		log: slog.New(slog.NewTextHandler(&log, nil)),
-		count: func() (int, error) {
+		count: func() (tally, error) {
 			r := script[min(polls, len(script)-1)]
 			polls++
 			if polls > 100_000 {
 				t.Fatal("stopper never stopped polling")
 			}
-			return r.n, r.err
+			return tally{calls: r.n}, r.err
 		},
 		notify: func(msg string) error { events = append(events, msg); return nil },
 		now:    clock.now,
@@ -131,7 +132,7 @@ func TestStopperReleasesTheAppsPreStopEvenWhenSignallingFails(t *testing.T) {
 	s := &stopper{
 		cfg:    stopperConfig{interval: time.Second},
 		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		count:  func() (int, error) { return 0, nil },
+		count:  func() (tally, error) { return tally{}, nil },
 		notify: func(msg string) error { events = append(events, msg); return nil },
 		now:    clock.now,
 		sleep:  clock.sleep,
@@ -151,7 +152,7 @@ func TestStopperGoesOnWithoutAProxy(t *testing.T) {
 	s := &stopper{
 		cfg:    stopperConfig{interval: time.Second},
 		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		count:  func() (int, error) { return 0, nil },
+		count:  func() (tally, error) { return tally{}, nil },
 		notify: func(string) error { return errors.New("fifo has no reader") },
 		now:    clock.now,
 		sleep:  clock.sleep,
@@ -212,11 +213,11 @@ func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost t
 		cfg:    cfg,
 		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
 		events: &fakeEvents{clock: clock},
-		count: func() (int, error) {
+		count: func() (tally, error) {
 			counts++
 			n := count(clock.t.Sub(start))
 			clock.t = clock.t.Add(cost)
-			return n, nil
+			return tally{calls: n}, nil
 		},
 		notify: func(string) error { return nil },
 		now:    clock.now,
@@ -263,5 +264,43 @@ func TestStopperRateLimitsRecounts(t *testing.T) {
 	}
 	if *counts < 5 {
 		t.Errorf("only %d counts in %v of constant events; the events were ignored", *counts, cfg.timeout)
+	}
+}
+
+// TestStopperLogsWhatItLeavesOut: the start says what is not a call, and
+// each change says how many connections were left out and why.
+func TestStopperLogsWhatItLeavesOut(t *testing.T) {
+	clock := &fakeClock{t: time.Now()}
+	var events []string
+	var log strings.Builder
+	script := []tally{{calls: 2, excludedPeer: 1}, {calls: 2, excludedPeer: 1}, {calls: 0, excludedPeer: 1, excludedIdle: 1}}
+	polls := 0
+	ex := exclusions{peers: []netip.Prefix{netip.MustParsePrefix("10.0.5.7/32")}, idle: 30 * time.Second}
+	s := &stopper{
+		cfg: stopperConfig{interval: time.Second, exclude: ex},
+		log: slog.New(slog.NewTextHandler(&log, nil)),
+		count: func() (tally, error) {
+			polls++
+			return script[min(polls-1, len(script)-1)], nil
+		},
+		notify: func(msg string) error { return nil },
+		now:    clock.now,
+		sleep:  clock.sleep,
+		app:    &recordingApp{clock: clock, events: &events},
+	}
+	if err := s.run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`not_calls="peers in 10.0.5.7/32, connections idle for 30s"`,
+		"count=2 excluded_peer=1 excluded_idle=0",
+		"count=0 excluded_peer=1 excluded_idle=1",
+	} {
+		if !strings.Contains(log.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, log.String())
+		}
+	}
+	if n := strings.Count(log.String(), "count=2"); n != 1 {
+		t.Errorf("an unchanged tally was logged %d times, want once", n)
 	}
 }

@@ -1,0 +1,137 @@
+// exclusions.go says which connections on the app's port are not calls: those
+// from a peer in an --ignore-peer network (a metrics scraper, a mesh proxy's
+// pool, a health checker) and those on which no data has moved for
+// --ignore-idle. A count is a tally of the calls and of what was left out,
+// so that the stopper's log can say why a connection was not waited for.
+
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// tally is one count of the app's port.
+type tally struct {
+	calls        int // ESTABLISHED connections that are calls
+	excludedPeer int // left out: the remote address is in an --ignore-peer network
+	excludedIdle int // left out: no data either way for --ignore-idle
+}
+
+// exclusions are the connections that are not calls.
+type exclusions struct {
+	peers []netip.Prefix // an IPv4 network also matches IPv4-mapped IPv6 remotes
+	idle  time.Duration  // 0: idleness excludes nothing
+}
+
+// excludesPeer reports whether remote is inside one of the peer networks.
+// An IPv4 client of a dual-stack listener has a remote like ::ffff:10.1.2.3,
+// which an IPv4 network must match, as the kernel's filter does.
+func (e exclusions) excludesPeer(remote netip.Addr) bool {
+	unmapped := remote.Unmap()
+	for _, p := range e.peers {
+		if p.Contains(remote) || p.Contains(unmapped) {
+			return true
+		}
+	}
+	return false
+}
+
+// String is what the stopper logs at start.
+func (e exclusions) String() string {
+	if len(e.peers) == 0 && e.idle == 0 {
+		return "none: every ESTABLISHED connection is a call"
+	}
+	var parts []string
+	if len(e.peers) > 0 {
+		parts = append(parts, "peers in "+peerList(e.peers).String())
+	}
+	if e.idle > 0 {
+		parts = append(parts, "connections idle for "+e.idle.String())
+	}
+	return strings.Join(parts, ", ")
+}
+
+// maxPeers keeps the kernel's filter program small; a pod has a handful of
+// scrapers and proxies, not hundreds.
+const maxPeers = 32
+
+// minIdle is the shortest --ignore-idle: below a second, a live call that
+// merely paused (a silent participant, a slow reader) would stop counting.
+const minIdle = time.Second
+
+// exclusionFlags are --ignore-peer and --ignore-idle, for every mode that counts.
+type exclusionFlags struct {
+	peers peerList
+	idle  durationFlag
+}
+
+func addExclusionFlags(fs *flag.FlagSet) *exclusionFlags {
+	f := &exclusionFlags{idle: durationFlag{allowZero: true}}
+	fs.Var(&f.peers, "ignore-peer", "")
+	fs.Var(&f.idle, "ignore-idle", "")
+	return f
+}
+
+// exclusions checks the flags against --source: only sock_diag tells when
+// data last moved on a connection.
+func (f *exclusionFlags) exclusions(mode string, source sourceFlag) (exclusions, error) {
+	switch {
+	case f.idle.d > 0 && f.idle.d < minIdle:
+		return exclusions{}, usageError{fmt.Errorf("%s: invalid value %q for flag -ignore-idle: want at least %v, above the app's own keep-alive or ping period", mode, f.idle.d, minIdle)}
+	case f.idle.d > 0 && source == "proc":
+		return exclusions{}, usageError{fmt.Errorf("%s: -ignore-idle needs -source netlink or auto: /proc/net/tcp does not show when data last moved on a connection", mode)}
+	}
+	return exclusions{peers: f.peers, idle: f.idle.d}, nil
+}
+
+// peerList is --ignore-peer, which may be given many times.
+type peerList []netip.Prefix
+
+func (l peerList) String() string {
+	s := make([]string, len(l))
+	for i, p := range l {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *peerList) Set(s string) error {
+	if len(*l) == maxPeers {
+		return fmt.Errorf("at most %d networks", maxPeers)
+	}
+	p, err := parsePeer(s)
+	if err != nil {
+		return err
+	}
+	*l = append(*l, p)
+	return nil
+}
+
+// parsePeer reads a CIDR such as 10.0.0.0/8 or fd00::/8; a bare address is
+// that one host.
+func parsePeer(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		a, aerr := netip.ParseAddr(s)
+		if aerr != nil || a.Zone() != "" {
+			return netip.Prefix{}, errors.New("want a network such as 10.0.0.0/8, fd00::/8 or one address")
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if p.Bits() == 0 {
+		return netip.Prefix{}, errors.New("a /0 network leaves no call to wait for")
+	}
+	if p.Masked() != p {
+		return netip.Prefix{}, fmt.Errorf("has bits set past the /%d mask; did you mean %v?", p.Bits(), p.Masked())
+	}
+	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8.
+	if p.Addr().Is4In6() && p.Bits() > 96 {
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	return p, nil
+}
