@@ -191,15 +191,10 @@ func BenchmarkProcessSS(b *testing.B) {
 // BenchmarkProbe compares one readiness probe sent to the app directly with
 // one sent through the real proxy binary, and reports the proxy's idle RSS.
 func BenchmarkProbe(b *testing.B) {
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go app.Serve(ln)
-	defer app.Close()
-	appURL := "http://" + ln.Addr().String() + "/healthz"
-	proxyURL, rss := startBenchProxy(b, appURL)
+	appURL := startBenchApp(b)
+	proxyURL, pid := startBenchProxy(b, appURL)
+	time.Sleep(500 * time.Millisecond)
+	rss := procStatusKiB(b, pid, "VmRSS")
 
 	// The kubelet opens a new connection for every probe.
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
@@ -224,8 +219,41 @@ func BenchmarkProbe(b *testing.B) {
 	}
 }
 
+// BenchmarkProxyFlood opens 3 000 connections to the real proxy binary,
+// holds them for 5 s and reports its peak resident set size (VmHWM).
+func BenchmarkProxyFlood(b *testing.B) {
+	for _, kind := range []struct{ name, send string }{
+		{"idle", ""},
+		{"keep-alive-after-a-probe", "GET /ready HTTP/1.1\r\nHost: pod\r\n\r\n"},
+		{"drain-waiters", "GET /drain HTTP/1.1\r\nHost: pod\r\n\r\n"},
+	} {
+		b.Run(kind.name, func(b *testing.B) {
+			for range b.N {
+				url, pid := startBenchProxy(b, startBenchApp(b))
+				before := procStatusKiB(b, pid, "VmHWM")
+				flood(b, strings.TrimPrefix(strings.TrimSuffix(url, "/ready"), "http://"), 3000, kind.send)
+				time.Sleep(5 * time.Second)
+				b.ReportMetric(float64(before), "rss-before-KiB")
+				b.ReportMetric(float64(procStatusKiB(b, pid, "VmHWM")), "peak-rss-KiB")
+			}
+		})
+	}
+}
+
+// startBenchApp serves a health endpoint and returns its URL.
+func startBenchApp(b *testing.B) string {
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go app.Serve(ln)
+	b.Cleanup(func() { app.Close() })
+	return "http://" + ln.Addr().String() + "/healthz"
+}
+
 // startBenchProxy starts "wsdrain proxy" (WSDRAIN_BIN, else this test
-// binary as wsdrain) and returns its URL and idle resident set size.
+// binary as wsdrain) and returns its URL and pid.
 func startBenchProxy(b *testing.B, health string) (string, int) {
 	addr := benchFreeAddr(b)
 	bin := os.Getenv("WSDRAIN_BIN")
@@ -247,15 +275,7 @@ func startBenchProxy(b *testing.B, health string) (string, int) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	time.Sleep(500 * time.Millisecond)
-	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
-	rss := 0
-	for _, line := range strings.Split(string(status), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			rss, _ = strconv.Atoi(f[1])
-		}
-	}
-	return "http://" + addr + "/ready", rss
+	return "http://" + addr + "/ready", cmd.Process.Pid
 }
 
 func benchFreeAddr(b *testing.B) string {

@@ -17,6 +17,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -29,7 +30,14 @@ Answers the app container's readinessProbe. Until a drain begins, every GET or
 HEAD asks -health-url and passes its status on (a failure or no answer within
 -health-timeout gives 503). Once the stopper writes "drain" to -fifo, every
 answer is 503 for the rest of the proxy's life. GET /drain is the app's
-preStop: it waits until the stopper has signalled the app.
+preStop: it answers only when the stopper has signalled the app, the proxy
+stops, or no drain began within -drain-start-wait (a GET /drain with a body
+gets 400). Only the app's final status, its Content-Type and at most 4 KiB of
+its body are passed on.
+
+At most 256 connections are served at once (the rest wait in the kernel's
+queue), idle ones are closed after 5s, and the Go runtime keeps its memory
+under 32MiB unless GOMEMLIMIT is set: the sidecar's limit in k8s.yaml is 64Mi.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
@@ -48,8 +56,24 @@ flags:
                           probe), and then no stopper runs; 0 waits for ever (default 30s)
 `
 
-// maxDrainWaiters bounds GET /drain: the kubelet sends one per termination.
-const maxDrainWaiters = 8
+// maxConns bounds the proxy's connections, and with them its memory (about
+// 20 KB each), far below the sidecar's limit. The kubelet needs a few: a
+// probe at a time and a GET /drain per hook run. The rest wait in the
+// kernel's accept queue, where they cost the proxy nothing.
+const maxConns = 256
+
+// defaultMemoryLimit is the Go runtime's soft limit for the proxy: half of
+// the 64 MiB that k8s.yaml gives the sidecar, whose stopper (a hook) runs in
+// the same container. The connection limit is what bounds the live memory;
+// this makes the runtime collect garbage before it grows past it.
+const defaultMemoryLimit = 32 << 20
+
+// limitMemory applies defaultMemoryLimit unless GOMEMLIMIT says otherwise.
+func limitMemory() {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(defaultMemoryLimit)
+	}
+}
 
 type proxyConfig struct {
 	listen         string
@@ -99,6 +123,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	limitMemory()
 	out := &lockedWriter{w: stdout}
 	logger := slog.New(slog.NewTextHandler(out, nil))
 	if err := ensureFIFO(cfg.fifo); err != nil {
@@ -125,15 +150,17 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		Handler:           p,
 		ReadHeaderTimeout: 2 * time.Second,
 		ReadTimeout:       5 * time.Second,
-		IdleTimeout:       30 * time.Second,
-		MaxHeaderBytes:    8 << 10,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		// Short, as the kubelet opens a connection per probe anyway: an idle
+		// one holds a slot of maxConns.
+		IdleTimeout:    5 * time.Second,
+		MaxHeaderBytes: 8 << 10,
+		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		// No WriteTimeout: GET /drain legitimately waits for minutes.
 	}
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
+	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns)) }()
 	select {
 	case err := <-serveErr:
 		return err
@@ -152,7 +179,6 @@ type proxy struct {
 
 	draining, released, stopping     chan struct{}
 	drainOnce, releaseOnce, stopOnce sync.Once
-	waiters                          chan struct{}
 	lastHealth                       atomic.Int64 // last status, or -1 for an error
 }
 
@@ -164,11 +190,10 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		draining:       make(chan struct{}),
 		released:       make(chan struct{}),
 		stopping:       make(chan struct{}),
-		waiters:        make(chan struct{}, maxDrainWaiters),
 	}
 	p.health = &httputil.ReverseProxy{
 		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
-		Transport:      transport,
+		Transport:      withoutTrace{transport},
 		ModifyResponse: p.passStatus,
 		ErrorHandler:   p.healthFailed,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
@@ -244,6 +269,24 @@ func (p *proxy) passStatus(resp *http.Response) error {
 	return nil
 }
 
+// withoutTrace sends the request to the app on a context that keeps the
+// probe's deadline and cancellation but none of its values: ReverseProxy
+// puts a client trace there that would copy the app's 1xx responses, with
+// their headers, to the kubelet.
+type withoutTrace struct{ http.RoundTripper }
+
+func (t withoutTrace) RoundTrip(r *http.Request) (*http.Response, error) {
+	return t.RoundTripper.RoundTrip(r.WithContext(cancelOnly{r.Context()}))
+}
+
+// cancelOnly is a context with its parent's deadline and cancellation only.
+type cancelOnly struct{ parent context.Context }
+
+func (c cancelOnly) Deadline() (time.Time, bool) { return c.parent.Deadline() }
+func (c cancelOnly) Done() <-chan struct{}       { return c.parent.Done() }
+func (c cancelOnly) Err() error                  { return c.parent.Err() }
+func (c cancelOnly) Value(any) any               { return nil }
+
 func (p *proxy) healthFailed(w http.ResponseWriter, r *http.Request, err error) {
 	p.noteHealth(-1, err)
 	http.Error(w, "app health check failed", http.StatusServiceUnavailable)
@@ -264,14 +307,16 @@ func (p *proxy) noteHealth(status int, err error) {
 	}
 }
 
-// waitForRelease is the app's preStop. It never starts anything; it answers
-// once the stopper is done with the app, the proxy stops, or no drain began.
+// waitForRelease is the app's preStop. It never starts anything, and never
+// answers for a reason of its own (the kubelet ends the hook on any answer):
+// only once the stopper is done with the app, the proxy stops, or no drain
+// began. A waiter costs one connection, which the listener bounds.
 func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
-	select {
-	case p.waiters <- struct{}{}:
-		defer func() { <-p.waiters }()
-	default:
-		http.Error(w, "too many waiters", http.StatusServiceUnavailable)
+	if r.ContentLength != 0 {
+		// Go notices a client's close only once the body is read: a waiter with
+		// a body would hold its connection after the client has gone.
+		w.Header().Set("Connection", "close")
+		http.Error(w, "GET /drain takes no body", http.StatusBadRequest)
 		return
 	}
 	p.log.Info("app preStop waiting", "remote", r.RemoteAddr)
@@ -354,4 +399,47 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// limitListener accepts no more than cap(slots) connections at a time; a
+// connection gives its slot back when it is closed.
+type limitListener struct {
+	net.Listener
+	slots     chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func newLimitListener(ln net.Listener, n int) *limitListener {
+	return &limitListener{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	select {
+	case l.slots <- struct{}{}:
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+}
+
+// Close also ends an Accept that waits for a slot.
+func (l *limitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+type limitedConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	defer c.release()
+	return c.Conn.Close()
 }

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -289,25 +293,31 @@ func getDrain(url string) <-chan string {
 func TestDrainPathWaitsForTheStopper(t *testing.T) {
 	app := newFakeApp(t)
 	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "1s")
-	released := getDrain(p.url)
-	p.send(t, "drain")
 	// Past -drain-start-wait: a drain began, so it must keep waiting.
+	drainHeldUntilDone(t, p, getDrain(p.url), 1500*time.Millisecond)
+	if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
+		t.Errorf("a repeated GET /drain answered %q, want 200 at once", r)
+	}
+}
+
+// drainHeldUntilDone starts a drain, checks that a waiting GET /drain is
+// still held after hold, then reports done and checks that it is released.
+func drainHeldUntilDone(t *testing.T, p *testProxy, released <-chan string, hold time.Duration) {
+	t.Helper()
+	p.send(t, "drain")
 	select {
 	case r := <-released:
 		t.Fatalf("GET /drain answered %q before the stopper was done", r)
-	case <-time.After(1500 * time.Millisecond):
+	case <-time.After(hold):
 	}
 	p.send(t, "done")
 	select {
 	case r := <-released:
-		if !strings.HasPrefix(r, "200 ") {
-			t.Fatalf("GET /drain answered %q, want 200", r)
+		if !strings.HasPrefix(r, "200 stopper is done") {
+			t.Fatalf("GET /drain answered %q, want 200 once the stopper is done", r)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("GET /drain still waiting after the stopper reported done")
-	}
-	if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
-		t.Errorf("a repeated GET /drain answered %q, want 200 at once", r)
 	}
 }
 
@@ -429,5 +439,215 @@ func TestProxyExitsZeroOnSIGTERM(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		cmd.Process.Kill()
 		t.Fatal("proxy still running 10s after SIGTERM")
+	}
+}
+
+// drainRequest opens a connection, sends a GET /drain with extra header
+// lines (and body), and returns the connection.
+func drainRequest(t *testing.T, url, extra string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := io.WriteString(c, "GET /drain HTTP/1.1\r\nHost: pod\r\n"+extra); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestDrainPathHoldsEveryWaiterUntilDone(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	// Hooks that ran twice, or requests from elsewhere: none may be answered
+	// early, since the kubelet takes any answer as the end of the preStop.
+	var waiters []<-chan string
+	for range 20 {
+		waiters = append(waiters, getDrain(p.url))
+	}
+	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	p.send(t, "drain")
+	for i, w := range waiters {
+		select {
+		case r := <-w:
+			t.Fatalf("waiter %d answered %q before the stopper was done", i, r)
+		default:
+		}
+	}
+	p.send(t, "done")
+	for _, w := range waiters {
+		if r := <-w; !strings.HasPrefix(r, "200 stopper is done") {
+			t.Errorf("a waiter got %q, want 200 once the stopper is done", r)
+		}
+	}
+}
+
+func TestDrainPathRefusesABody(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	for name, extra := range map[string]string{
+		"content-length": "Content-Length: 5\r\n\r\nhello",
+		"chunked":        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := drainRequest(t, p.url, extra)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if !strings.HasPrefix(line, "HTTP/1.1 400 ") {
+				t.Fatalf("GET /drain with a body: %q, %v; want 400 at once", line, err)
+			}
+		})
+	}
+}
+
+func TestDrainPathForgetsClientsThatLeft(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	// More than the proxy holds connections, sent and closed before a
+	// rollout, with a body Go never reads (so it does not see the close) or
+	// without one (so it must see the close and free the connection).
+	for range maxConns + 8 {
+		drainRequest(t, p.url, "Content-Length: 5\r\n\r\nhello").Close()
+		drainRequest(t, p.url, "\r\n").Close()
+	}
+	waitFor(t, "every abandoned waiter to be freed", func() bool {
+		return strings.Count(p.out.String(), "app preStop gave up waiting") == maxConns+8
+	})
+	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
+}
+
+func TestProxyPassesNo1xxFromTheApp(t *testing.T) {
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</evil.css>; rel=preload")
+		w.Header().Set("X-Injected", "yes")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del("Link")
+		w.Header().Del("X-Injected")
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(app.Close)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	c, err := net.Dial("tcp", strings.TrimPrefix(p.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /ready HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	answer, _ := io.ReadAll(c)
+	if !strings.HasPrefix(string(answer), "HTTP/1.1 200 ") {
+		t.Fatalf("the probe got %q, want the app's 200 first", answer)
+	}
+	for _, leak := range []string{"103", "Link", "evil", "X-Injected"} {
+		if strings.Contains(string(answer), leak) {
+			t.Errorf("the app's 1xx reached the probe (%q):\n%s", leak, answer)
+		}
+	}
+}
+
+// flood opens n connections to addr, each sending send (perhaps nothing),
+// as any client that can reach the proxy's port could.
+func flood(t testing.TB, addr string, n int, send string) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, 0, n)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for range n {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("flood: %v after %d connections", err, len(conns))
+		}
+		io.WriteString(c, send)
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// procStatusKiB reads a size such as VmHWM (peak RSS) from /proc/PID/status.
+func procStatusKiB(t testing.TB, pid int, field string) int {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == field+":" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
+}
+
+// TestProxySurvivesAConnectionFlood floods the real binary with idle
+// keep-alive connections: it must stay well under the 64 MiB that k8s.yaml allows
+// the sidecar (the stopper runs in the same container), and serve the
+// kubelet again within seconds of the flood's end.
+func TestProxySurvivesAConnectionFlood(t *testing.T) {
+	app := newFakeApp(t)
+	addr := freeAddr(t)
+	fifo := filepath.Join(t.TempDir(), "drain.fifo")
+	cmd := wsdrainCmd("proxy", "--listen", addr, "--health-url", app.URL+"/healthz", "--fifo", fifo, "--drain-start-wait", "0")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	url := "http://" + addr
+	waitFor(t, "the proxy to answer", func() bool { return probe(url) == 200 })
+
+	// Each asks once, then idles on the kept-alive connection.
+	conns := flood(t, addr, 3000, "GET /ready HTTP/1.1\r\nHost: pod\r\n\r\n")
+	time.Sleep(time.Second) // let the proxy take what it will
+	if peak := procStatusKiB(t, cmd.Process.Pid, "VmHWM"); peak > 32<<10 {
+		t.Errorf("peak RSS under 3000 idle connections: %d KiB; want under 32 MiB", peak)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	waitFor(t, "readiness after the flood", func() bool { return probe(url) == 200 })
+	released := getDrain(url)
+	if err := newFIFOWriter(fifo).send("drain"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the drain after the flood", func() bool { return probe(url) == 503 })
+	if err := newFIFOWriter(fifo).send("done"); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-released; !strings.HasPrefix(r, "200 stopper is done") {
+		t.Fatalf("GET /drain after the flood: %q", r)
+	}
+}
+
+// probe is one readiness probe; 0 when it got no answer within 1 s, as the
+// kubelet's default timeoutSeconds.
+func probe(url string) int {
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Get(url + "/ready")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+func TestProxySetsAMemoryLimitUnlessGOMEMLIMITDoes(t *testing.T) {
+	before := debug.SetMemoryLimit(math.MaxInt64)
+	t.Cleanup(func() { debug.SetMemoryLimit(before) })
+	app := newFakeApp(t)
+
+	t.Setenv("GOMEMLIMIT", "100MiB") // the runtime read it at start; the proxy must not override it
+	startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo")).stop(t)
+	if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
+		t.Errorf("with GOMEMLIMIT set the proxy changed the memory limit to %d", got)
+	}
+	os.Unsetenv("GOMEMLIMIT")
+	startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo")).stop(t)
+	if got := debug.SetMemoryLimit(-1); got != 32<<20 {
+		t.Errorf("memory limit %d, want 32 MiB, half the sidecar's 64 MiB in k8s.yaml", got)
 	}
 }

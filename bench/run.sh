@@ -64,3 +64,7 @@ done
 echo
 echo "== the proxy: one readiness probe direct to the app vs through wsdrain proxy, 10 000 each"
 (cd "$T" && WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.bench 'Probe' -test.benchtime 10000x | grep -E '^Benchmark')
+
+echo
+echo "== the proxy's peak RSS under 3 000 connections held for 5 s"
+(cd "$T" && WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.bench 'ProxyFlood' -test.benchtime 1x | grep -E '^Benchmark')
