@@ -74,7 +74,7 @@ func TestExclusionFlagsUsage(t *testing.T) {
 		{"idle from /proc", []string{"--ignore-idle", "30s", "--source", "proc"}, "/proc/net/tcp does not show when data last moved"},
 		{"negative idle", []string{"--ignore-idle", "-1s"}, "must not be negative"},
 	}
-	for _, mode := range [][]string{{"count"}, {"stopper", "--fifo", fifo}} {
+	for _, mode := range [][]string{{"count"}, {"stopper", "--fifo", fifo}, {"proxy", "--fifo", fifo}} {
 		for _, tt := range tests {
 			t.Run(mode[0]+"/"+tt.name, func(t *testing.T) {
 				var stderr strings.Builder

@@ -32,7 +32,7 @@ func TestEndToEndInNamespaces(t *testing.T) {
 		}
 		t.Skip("skipped: creating network and PID namespaces needs root (run as root, as CI does)")
 	}
-	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper", "unreadable-master"} {
+	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper", "unreadable-master", "exclusions"} {
 		t.Run(name, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestNamespaceScenario$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), "WSDRAIN_NS_SCENARIO="+name)
@@ -67,6 +67,8 @@ func TestNamespaceScenario(t *testing.T) {
 		scenarioWrapper(t, pod)
 	case "unreadable-master":
 		scenarioUnreadableMaster(t, pod)
+	case "exclusions":
+		scenarioExclusions(t, pod)
 	default:
 		t.Fatalf("unknown scenario %q", name)
 	}
@@ -210,6 +212,92 @@ func scenarioUnreadableMaster(t *testing.T, pod *nsPod) {
 	pod.assertNotSignalled(t, "a master the stopper cannot inspect")
 }
 
+// scenarioExclusions: three calls from 127.0.0.2 and an idle keep-alive
+// scraper from 127.0.0.3. Counted alike by count, the proxy's /metrics and
+// the stopper, which signals after the last call while the scraper stays.
+func scenarioExclusions(t *testing.T, pod *nsPod) {
+	pod.startApp(t, false)
+	pod.startProxy(t, "--target-port", "8080", "--ignore-peer", "127.0.0.3")
+	var calls []*testCall
+	for range 3 {
+		calls = append(calls, pod.callFrom(t, "127.0.0.2", "127.0.0.1:8080"))
+	}
+	keepAliveScrape(t, "127.0.0.3", "127.0.0.1:8080")
+	scraped := time.Now()
+	wantCount := func(want string, args ...string) {
+		t.Helper()
+		out, err := wsdrainCmd(append([]string{"count", "--target-port", "8080"}, args...)...).CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != want {
+			t.Errorf("wsdrain count %s printed %q (%v); want %s", strings.Join(args, " "), out, err, want)
+		}
+	}
+	for _, source := range []string{"netlink", "proc"} {
+		wantCount("4", "--source", source)
+		wantCount("3", "--source", source, "--ignore-peer", "127.0.0.3")
+	}
+	// The calls echo every 500 ms; the scraper says nothing for 3 s.
+	for time.Since(scraped) < 3*time.Second {
+		for _, c := range calls {
+			c.echo(t)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	wantCount("3", "--ignore-idle", "2s")
+	wantCount("4", "--ignore-idle", "10s")
+	if got := metricsLine(t, "http://127.0.0.1:8081/metrics", "wsdrain_connections"); got != `wsdrain_connections{port="8080"} 3` {
+		t.Errorf("/metrics: %q; want 3 calls (the scraper left out)", got)
+	}
+
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s", "--ignore-peer", "127.0.0.3")
+	time.Sleep(time.Second)
+	pod.assertNotSignalled(t, "three calls open")
+	for _, c := range calls {
+		c.echo(t)
+		c.Close()
+	}
+	lastClosed := time.Now()
+	pod.waitSignalledSoonAfter(t, lastClosed, 1200*time.Millisecond, "about one 200ms interval, the scraper left out")
+	pod.waitStopper(t, stopper, 0)
+	// The scraper was still there at the zero: excluded_peer=1.
+	pod.proxyLogHas(t, `not_calls="peers in 127.0.0.3/32"`, "count=3 excluded_peer=1 excluded_idle=0",
+		"count=0 excluded_peer=1 excluded_idle=0", `msg="signalled app"`)
+}
+
+// keepAliveScrape asks the app for /healthz on a connection from the local
+// address from and keeps it open and idle, as a metrics scraper does.
+func keepAliveScrape(t *testing.T, from, addr string) {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: app\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 || resp.Close {
+		t.Fatalf("keep-alive scrape: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+// metricsLine is the sample line of metric name in a scrape of url.
+func metricsLine(t *testing.T, url, name string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
+			return line
+		}
+	}
+	return ""
+}
+
 // nsPod is what a pod holds: an app, the proxy, a stopper, an emptyDir.
 type nsPod struct {
 	dir, fifo            string
@@ -257,9 +345,9 @@ func (p *nsPod) startApp(t *testing.T, wrapped bool, binArgs ...string) {
 	}
 }
 
-func (p *nsPod) startProxy(t *testing.T) {
+func (p *nsPod) startProxy(t *testing.T, extra ...string) {
 	t.Helper()
-	cmd := wsdrainCmd("proxy", "--listen", ":8081", "--health-url", "http://127.0.0.1:8080/healthz", "--fifo", p.fifo)
+	cmd := wsdrainCmd(append([]string{"proxy", "--listen", ":8081", "--health-url", "http://127.0.0.1:8080/healthz", "--fifo", p.fifo}, extra...)...)
 	cmd.Stdout, cmd.Stderr = p.proxyOut, p.proxyOut
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -365,7 +453,17 @@ type testCall struct {
 
 func (p *nsPod) call(t *testing.T, addr string) *testCall {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
+	return p.callFrom(t, "", addr)
+}
+
+// callFrom is a call from the local address from, or any when "".
+func (p *nsPod) callFrom(t *testing.T, from, addr string) *testCall {
+	t.Helper()
+	d := net.Dialer{}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -54,6 +54,15 @@ flags:
                           it answers 200 anyway: the app's preStop also runs when
                           only the app container restarts (a failed liveness
                           probe), and then no stopper runs; 0 waits for ever (default 30s)
+
+GET /metrics answers in the Prometheus text format: wsdrain_connections (the
+calls now, counted at scrape time as the stopper counts them, so give these
+the stopper's values), wsdrain_draining, wsdrain_app_healthy and
+wsdrain_build_info. It never asks the app; scrapes share one count a second.
+  -target-port N          the app's port (default 8080)
+  -source S               netlink, proc or auto (default auto)
+  -ignore-peer CIDR       connections from this network are not calls; repeatable
+  -ignore-idle D          connections with no data either way for D are not calls
 `
 
 // maxConns bounds the proxy's connections, and with them its memory (about
@@ -81,6 +90,9 @@ type proxyConfig struct {
 	fifo           string
 	healthTimeout  time.Duration
 	drainStartWait time.Duration
+	targetPort     uint16 // for /metrics, with source and exclude
+	source         sourceFlag
+	exclude        exclusions
 }
 
 func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
@@ -92,7 +104,16 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	startWait := durationFlag{d: 30 * time.Second, allowZero: true}
 	fs.Var(&timeout, "health-timeout", "")
 	fs.Var(&startWait, "drain-start-wait", "")
+	port := portFlag(8080)
+	fs.Var(&port, "target-port", "")
+	source := sourceFlag("auto")
+	fs.Var(&source, "source", "")
+	exclude := addExclusionFlags(fs)
 	if err := parseFlags(fs, proxyHelp, args, stdout); err != nil {
+		return proxyConfig{}, err
+	}
+	ex, err := exclude.exclusions("proxy", source)
+	if err != nil {
 		return proxyConfig{}, err
 	}
 	u, err := parseHealthURL(*health)
@@ -105,7 +126,7 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	if *fifo == "" {
 		return proxyConfig{}, usageError{errors.New("proxy: flag -fifo must not be empty")}
 	}
-	return proxyConfig{*listen, u, *fifo, timeout.d, startWait.d}, nil
+	return proxyConfig{*listen, u, *fifo, timeout.d, startWait.d, uint16(port), source, ex}, nil
 }
 
 func checkListenAddr(addr string) error {
@@ -139,6 +160,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
+	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
 		// can arrive any more, which a person must hear about.
@@ -180,6 +202,7 @@ type proxy struct {
 	draining, released, stopping     chan struct{}
 	drainOnce, releaseOnce, stopOnce sync.Once
 	lastHealth                       atomic.Int64 // last status, or -1 for an error
+	metrics                          http.Handler // GET /metrics; nil: not served
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -228,6 +251,8 @@ func rewriteToHealth(pr *httputil.ProxyRequest, health *url.URL) {
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
+	case r.URL.Path == "/metrics" && p.metrics != nil:
+		p.metrics.ServeHTTP(w, r)
 	case r.Method != http.MethodGet && r.Method != http.MethodHead:
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)

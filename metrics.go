@@ -1,0 +1,111 @@
+// metrics.go serves GET /metrics on the proxy's port in the Prometheus text
+// format 0.0.4: the calls on the app's port now, counted at scrape time the
+// way the stopper counts them, whether the pod is draining, the app's last
+// health verdict and the build. A scrape never asks the app anything.
+
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// countMaxAge is how old a count a scrape may be given. Counts run one at a
+// time and at most once per countMaxAge, and scrapes that arrive meanwhile
+// share the last one: at 50 000 connections a count costs about 60 ms of
+// CPU, so a flood of scrapes costs at most 6 % of a core instead of a count
+// each. A second is far finer than any scrape interval.
+const countMaxAge = time.Second
+
+// metricsHandler answers GET /metrics; the proxy's state comes in as functions.
+type metricsHandler struct {
+	port       uint16
+	count      func() (tally, error) // the source's count: not safe to run concurrently
+	draining   func() bool
+	lastHealth func() int64 // the last status the app answered, 0 before any, -1 for no answer
+	now        func() time.Time
+	log        *slog.Logger
+
+	mu      sync.Mutex // held while counting: one count at a time
+	last    tally
+	lastErr error
+	at      time.Time // when last was counted
+}
+
+// newProxyMetrics counts through the source the flags pick. Where it cannot
+// be opened the proxy still serves probes, and /metrics leaves the count out.
+func newProxyMetrics(cfg proxyConfig, p *proxy, log *slog.Logger) *metricsHandler {
+	m := &metricsHandler{port: cfg.targetPort, draining: p.isDraining, lastHealth: p.lastHealth.Load, now: time.Now, log: log}
+	src, err := openSource(cfg.source, cfg.exclude, func(msg string, err error) { log.Warn(msg, "err", err) })
+	if err != nil {
+		log.Error("metrics: cannot count connections; wsdrain_connections left out", "err", err)
+		m.count = func() (tally, error) { return tally{}, err }
+		return m
+	}
+	log.Info("metrics: counting calls", "target_port", cfg.targetPort, "counts_from", src.name(), "not_calls", cfg.exclude.String())
+	m.count = func() (tally, error) { return src.established(cfg.targetPort, cfg.exclude) }
+	return m
+}
+
+func (m *metricsHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	t, err := m.calls()
+	var b strings.Builder
+	if err == nil {
+		gauge(&b, "wsdrain_connections", "Calls on the app's port now: ESTABLISHED connections less those that -ignore-peer and -ignore-idle leave out.",
+			fmt.Sprintf(`port="%d"`, m.port), t.calls)
+	}
+	gauge(&b, "wsdrain_draining", "1 once the stopper has begun the drain and readiness answers 503.", "", boolValue(m.draining()))
+	status := m.lastHealth()
+	gauge(&b, "wsdrain_app_healthy", "1 when the app's last health check answered 200-399; 0 before the first one.", "", boolValue(status >= 200 && status < 400))
+	gauge(&b, "wsdrain_build_info", "The wsdrain version, as the value of the version label.",
+		`version="`+labelEscaper.Replace(buildVersion())+`"`, 1)
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	fmt.Fprint(w, b.String())
+}
+
+// calls is the last count if younger than countMaxAge, else a new one. A
+// failed count leaves wsdrain_connections out of the answer, as Prometheus
+// expects of a value that is not known; the failure is logged when it changes.
+func (m *metricsHandler) calls() (tally, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.at.IsZero() && m.now().Sub(m.at) < countMaxAge {
+		return m.last, m.lastErr
+	}
+	t, err := m.count()
+	if err != nil && (m.lastErr == nil || err.Error() != m.lastErr.Error()) {
+		m.log.Warn("metrics: cannot count connections; wsdrain_connections left out", "err", err)
+	}
+	m.last, m.lastErr, m.at = t, err, m.now()
+	return t, err
+}
+
+// gauge writes one gauge with its HELP and TYPE lines.
+func gauge(b *strings.Builder, name, help, labels string, value int) {
+	fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s gauge\n", name, help, name)
+	if labels != "" {
+		fmt.Fprintf(b, "%s{%s} %d\n", name, labels, value)
+		return
+	}
+	fmt.Fprintf(b, "%s %d\n", name, value)
+}
+
+// labelEscaper escapes a label value as the text format requires.
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+func boolValue(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
