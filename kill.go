@@ -66,6 +66,7 @@ func (fs procFS) pids() ([]int, error) {
 			pids = append(pids, pid)
 		}
 	}
+	slices.Sort(pids) // by number, not as ReadDir sorts names: in start order, until PIDs wrap
 	return pids, nil
 }
 
@@ -182,6 +183,14 @@ type targetFinder struct {
 	protect map[int]bool
 }
 
+// name says what the finder looks for, the way the record keeps it.
+func (t targetFinder) name() string {
+	if t.comm != "" {
+		return "process " + strconv.Quote(t.comm)
+	}
+	return "port " + strconv.Itoa(int(t.port))
+}
+
 // find returns the app's server processes. By default these own the LISTEN
 // socket on the port, which also gets past npm, yarn or "sh -c" wrappers
 // that would not pass a signal on.
@@ -253,42 +262,61 @@ func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
 
 // appSignaller signals the app once, remembering whom across hook runs.
 type appSignaller struct {
-	fs     procFS
-	finder targetFinder
-	record signalLog
-	sig    syscall.Signal
-	log    *slog.Logger
+	fs       procFS
+	finder   targetFinder
+	record   signalLog
+	lockWait time.Duration // how long an overlapping run may keep the record: --timeout, 0 for ever
+	sig      syscall.Signal
+	log      *slog.Logger
 }
 
 // signal sends the signal to every target not signalled by an earlier run
-// and returns the targets that are still to exit.
-func (a *appSignaller) signal() ([]process, error) {
-	defer a.record.lock()()
-	before := a.record.load()
+// and returns the targets that are still to exit. What it signalled is
+// recorded even when a later signal fails.
+func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
+	rec := a.record.open(ctx, a.lockWait, a.log)
+	defer rec.close()
+	target := a.finder.name()
 	targets, err := a.finder.find()
-	if err != nil && len(before) > 0 {
-		a.log.Info("app already gone after an earlier stopper run", "detail", err)
-		return nil, nil
-	}
 	if err != nil {
-		return nil, err
+		return a.signalledEarlier(rec.signalledAs(target), err)
 	}
 	var fresh []process
 	for _, p := range targets {
-		if contains(before, p) {
+		if rec.has(p) {
 			a.log.Info("app already signalled by an earlier stopper run", "pid", p.pid, "process", p.comm)
 			continue
 		}
-		if err := a.fs.signalProcess(p, a.sig); err != nil {
-			return nil, err
+		if err = a.fs.signalProcess(p, a.sig); err != nil {
+			break
 		}
 		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalName(a.sig))
 		fresh = append(fresh, p)
 	}
-	if err := a.record.add(fresh); err != nil {
-		a.log.Warn("could not record the signalled processes", "err", err)
+	if rerr := rec.add(fresh, target); rerr != nil {
+		a.log.Warn("could not record the signalled processes", "err", rerr)
+	}
+	if err != nil {
+		return nil, err
 	}
 	return targets, nil
+}
+
+// signalledEarlier decides a run that found no target. It succeeds only
+// when an earlier run signalled a process as this same target: one that
+// has exited since, or is exiting (it is returned, to be waited for). Else
+// the error stands, so that a wrong port never passes for a finished job.
+func (a *appSignaller) signalledEarlier(earlier []process, findErr error) ([]process, error) {
+	if len(earlier) == 0 {
+		return nil, findErr
+	}
+	exiting := slices.DeleteFunc(earlier, func(p process) bool { return !a.fs.alive(p) })
+	if len(exiting) == 0 {
+		a.log.Info("app already gone after an earlier stopper run", "detail", findErr)
+		return nil, nil
+	}
+	a.log.Info("app already signalled by an earlier stopper run, and exiting", "pid", exiting[0].pid, "detail", findErr)
+	return exiting, nil
 }
 
 // waitExit waits up to limit for ps to exit, and says how it went.
@@ -303,52 +331,4 @@ func (a *appSignaller) waitExit(ctx context.Context, ps []process, limit time.Du
 			return false
 		}
 	}
-}
-
-// signalLog remembers which processes a stopper has signalled, beside the
-// pipe on the emptyDir, so that a repeated preStop (hooks are delivered at
-// least once) signals nothing new and still succeeds.
-type signalLog struct{ path string }
-
-// load returns the recorded processes; a missing or damaged file is empty.
-func (l signalLog) load() []process {
-	b, err := os.ReadFile(l.path)
-	if err != nil {
-		return nil
-	}
-	var ps []process
-	for _, line := range strings.Split(string(b), "\n") {
-		var p process
-		if _, err := fmt.Sscanf(line, "%d %d", &p.pid, &p.start); err == nil {
-			ps = append(ps, p)
-		}
-	}
-	return ps
-}
-
-// lock makes overlapping stopper runs take turns: the second then finds
-// the first's record and does not signal again. It returns the unlock.
-func (l signalLog) lock() func() {
-	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return func() {} // no emptyDir: nothing to share with another run either
-	}
-	syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-	return func() { f.Close() }
-}
-
-func (l signalLog) add(ps []process) error {
-	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-	if err != nil {
-		return err
-	}
-	for _, p := range ps {
-		fmt.Fprintf(f, "%d %d\n", p.pid, p.start)
-	}
-	return f.Close()
-}
-
-// contains reports whether p, by PID and start time, was signalled before.
-func contains(ps []process, p process) bool {
-	return slices.ContainsFunc(ps, func(q process) bool { return q.pid == p.pid && q.start == p.start })
 }

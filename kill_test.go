@@ -4,6 +4,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"os"
@@ -76,23 +77,23 @@ func TestSignalsOnceAcrossRepeatedHooks(t *testing.T) {
 		sig:    syscall.SIGTERM,
 		log:    testLogger(&log),
 	}
-	first, err := a.signal()
+	first, err := a.signal(context.Background())
 	if err != nil || len(first) != 1 || first[0].pid != app.Process.Pid {
 		t.Fatalf("first run signalled %+v, %v; want the app, pid %d", first, err, app.Process.Pid)
 	}
 	// The second run comes while the app is still exiting, or after.
-	if _, err := a.signal(); err != nil {
+	if _, err := a.signal(context.Background()); err != nil {
 		t.Fatalf("second run failed: %v", err)
 	}
 	if n := strings.Count(log.String(), `msg="signalled app"`); n != 1 {
 		t.Errorf("signalled %d times over two runs, want once:\n%s", n, log.String())
 	}
 	app.Wait()
-	if _, err := a.signal(); err != nil {
+	if _, err := a.signal(context.Background()); err != nil {
 		t.Fatalf("a run after the app exited failed: %v", err)
 	}
 	a.record.path = filepath.Join(t.TempDir(), "never-signalled")
-	if _, err := a.signal(); err == nil {
+	if _, err := a.signal(context.Background()); err == nil {
 		t.Fatal("with no app and no earlier run, the stopper must fail")
 	}
 }
@@ -107,7 +108,7 @@ func TestOverlappingHooksSignalOnce(t *testing.T) {
 		go func() {
 			a := &appSignaller{fs: fs, record: record, sig: syscall.SIGTERM, log: testLogger(&log),
 				finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
-			_, err := a.signal()
+			_, err := a.signal(context.Background())
 			errs <- err
 		}()
 	}

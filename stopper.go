@@ -39,7 +39,8 @@ flags:
   -timeout D              signal anyway after this long, so the app gets SIGTERM
                           and not the kubelet's SIGKILL; keep it 30s or so below
                           terminationGracePeriodSeconds; 0 waits for ever and
-                          leaves the end to the kubelet (default 0)
+                          leaves the end to the kubelet. It also bounds the wait
+                          for an overlapping stopper run's turn (default 0)
   -target-process NAME    signal the processes with this /proc/PID/comm instead of
                           the owner of the socket listening on -target-port
   -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
@@ -134,11 +135,12 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		now:    time.Now,
 		sleep:  sleepCtx,
 		app: &appSignaller{
-			fs:     fs,
-			finder: targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
-			record: signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")},
-			sig:    cfg.signal,
-			log:    log,
+			fs:       fs,
+			finder:   targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
+			record:   signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")},
+			lockWait: cfg.timeout,
+			sig:      cfg.signal,
+			log:      log,
 		},
 	}
 	return s.run(ctx)
@@ -195,7 +197,7 @@ type stopper struct {
 	now    func() time.Time
 	sleep  func(ctx context.Context, d time.Duration) error
 	app    interface {
-		signal() ([]process, error)
+		signal(ctx context.Context) ([]process, error)
 		waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool
 	}
 }
@@ -211,7 +213,7 @@ func (s *stopper) run(ctx context.Context) error {
 	if err := s.waitForCalls(ctx, begun); err != nil {
 		return err
 	}
-	signalled, err := s.app.signal()
+	signalled, err := s.app.signal(ctx)
 	// Release the app's preStop even when signalling failed: the kubelet's
 	// own SIGTERM then reaches the app, and the calls are over either way.
 	if nerr := s.notify("done"); nerr != nil {

@@ -32,7 +32,7 @@ type recordingApp struct {
 	events    *[]string
 }
 
-func (a *recordingApp) signal() ([]process, error) {
+func (a *recordingApp) signal(context.Context) ([]process, error) {
 	a.signalled = a.clock.now()
 	*a.events = append(*a.events, "signal")
 	return []process{{pid: 42}}, a.signalErr

@@ -1,0 +1,170 @@
+// record.go keeps the record of signalled processes, a file beside the
+// drain pipe on the emptyDir. Hooks are delivered at least once, so a
+// stopper run may repeat or overlap another: the record lets it signal
+// nothing new and still succeed. The file is trusted only as far as it
+// must be: never through a link, only if it is ours and no one else's to
+// write, and its lock is waited for a bounded time.
+
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// signalLog is where the record lives.
+type signalLog struct{ path string }
+
+// record is the record file as one stopper run opened it: what earlier
+// runs signalled, and where this run adds what it signals. Without a
+// usable file it is empty and keeps nothing.
+type record struct {
+	f       *os.File
+	entries []recordEntry
+}
+
+// recordEntry is a line "PID START TARGET": a signalled process, by PID and
+// start time, and what the run signalling it looked for ("port 8080").
+type recordEntry struct {
+	pid    int
+	start  uint64
+	target string
+}
+
+// open opens the record and takes its lock, waiting until ctx ends or, if
+// lockWait is not 0, for at most lockWait: the app's preStop waits on this
+// run. A record it cannot
+// use or lock is logged, and the run goes on without it.
+func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.Logger) record {
+	f, err := openOwnFile(l.path)
+	if err != nil {
+		log.Warn("not using the record of signalled processes; a repeated hook may signal the app again", "err", err)
+		return record{}
+	}
+	if err := lockWithin(ctx, f, lockWait); err != nil {
+		log.Warn("going on without the record's lock; an overlapping stopper run may signal the app too", "err", err)
+	}
+	return record{f: f, entries: readEntries(f)}
+}
+
+// openOwnFile opens path to read and append, creating it if missing. It
+// follows no symbolic link and accepts only a regular file of this user's
+// that no one else may write, so that no other process can make the
+// stopper write elsewhere or make up what earlier runs did.
+func openOwnFile(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("%s is a symbolic link", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err == nil {
+		err = checkOwnFile(fi)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return f, nil
+}
+
+// checkOwnFile refuses anything but a regular file owned by this user and
+// writable by no one else.
+func checkOwnFile(fi os.FileInfo) error {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	case !ok || int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("owned by another user (uid %d)", st.Uid)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("writable by other users (mode %s)", fi.Mode().Perm())
+	}
+	return nil
+}
+
+// lockWithin takes an exclusive flock on f, polling so that the wait ends
+// with ctx, or after wait unless that is 0: a blocking flock would wait for
+// ever and ignore SIGTERM.
+func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
+	const poll = 50 * time.Millisecond
+	deadline := time.Now().Add(wait)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			return err
+		}
+		if wait > 0 && time.Now().After(deadline) {
+			return fmt.Errorf("another process held it for %v", wait)
+		}
+		if err := sleepCtx(ctx, poll); err != nil {
+			return fmt.Errorf("stopper interrupted while waiting for the lock: %w", err)
+		}
+	}
+}
+
+// readEntries reads the record's lines; damaged lines are skipped. A record
+// holds a few lines, so 64 KiB is more than enough.
+func readEntries(f *os.File) []recordEntry {
+	b, _ := io.ReadAll(io.LimitReader(f, 64<<10))
+	var entries []recordEntry
+	for _, line := range strings.Split(string(b), "\n") {
+		fields := strings.SplitN(line, " ", 3)
+		if len(fields) < 3 {
+			continue
+		}
+		pid, err1 := strconv.Atoi(fields[0])
+		start, err2 := strconv.ParseUint(fields[1], 10, 64)
+		if err1 == nil && err2 == nil {
+			entries = append(entries, recordEntry{pid, start, fields[2]})
+		}
+	}
+	return entries
+}
+
+// has reports whether p, by PID and start time, was signalled before.
+func (r record) has(p process) bool {
+	return slices.ContainsFunc(r.entries, func(e recordEntry) bool { return e.pid == p.pid && e.start == p.start })
+}
+
+// signalledAs returns the processes an earlier run signalled as target.
+func (r record) signalledAs(target string) []process {
+	var ps []process
+	for _, e := range r.entries {
+		if e.target == target {
+			ps = append(ps, process{pid: e.pid, start: e.start})
+		}
+	}
+	return ps
+}
+
+// add appends the processes just signalled as target, in one write.
+func (r record) add(ps []process, target string) error {
+	if r.f == nil || len(ps) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	for _, p := range ps {
+		fmt.Fprintf(&b, "%d %d %s\n", p.pid, p.start, target)
+	}
+	_, err := r.f.WriteString(b.String())
+	return err
+}
+
+// close releases the lock.
+func (r record) close() {
+	if r.f != nil {
+		r.f.Close()
+	}
+}
