@@ -61,13 +61,26 @@ func benchCount(b *testing.B, unit string, count func(uint16) (int, error)) {
 	b.ReportMetric(float64(want), unit)
 }
 
-func BenchmarkCountNetlink(b *testing.B) {
+func BenchmarkCountNetlink(b *testing.B) { benchNetlink(b, exclusions{}) }
+
+// BenchmarkCountNetlinkIdle asks for each socket's tcp_info as well, as
+// --ignore-idle does; with an hour, every connection still counts.
+func BenchmarkCountNetlinkIdle(b *testing.B) { benchNetlink(b, exclusions{idle: time.Hour}) }
+
+// BenchmarkCountNetlinkPeer leaves out one peer network in the kernel and
+// counts what it left out in a second dump, as --ignore-peer does; the
+// network matches none of bench/run.sh's holders.
+func BenchmarkCountNetlinkPeer(b *testing.B) {
+	benchNetlink(b, exclusions{peers: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}})
+}
+
+func benchNetlink(b *testing.B, ex exclusions) {
 	nl, err := newNetlinkSource()
 	if err != nil {
 		b.Skip(err)
 	}
 	defer nl.close()
-	benchCount(b, "conns", callsOf(nl, exclusions{}))
+	benchCount(b, "conns", callsOf(nl, ex))
 }
 
 // BenchmarkReadProcDiscard is the floor for any /proc parser: reading the

@@ -4,6 +4,9 @@
 # footprint. Prints the table that BENCHMARKS.md records. Needs root (for the
 # namespace), Go, and ss from iproute2.
 #   ./bench/run.sh [N ...]      default: 1000 10000 50000
+#   BENCH=CountNetlink ./bench/run.sh 18000 50000
+#                               only the benchmarks matching BENCH (a go test
+#                               -bench pattern; default: all counting ones)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench: needs root to create a network namespace" >&2; exit 1; }
@@ -21,9 +24,9 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 for n in "${sizes[@]}"; do
   echo
   echo "== $n established connections on port $PORT (plus their $n client ends)"
-  unshare --net bash -s "$n" "$T" "$PORT" "$PER_HOLDER" <<'INNER'
+  unshare --net bash -s "$n" "$T" "$PORT" "$PER_HOLDER" "${BENCH:-Count|Process|ReadProc}" <<'INNER'
 set -euo pipefail
-n=$1 T=$2 PORT=$3 PER=$4
+n=$1 T=$2 PORT=$3 PER=$4 BENCH=$5
 ip link set lo up
 holders=()
 left=$n k=0
@@ -41,7 +44,7 @@ done
 echo "holders: $k processes; ss counts $(ss -Htn state established "( sport = :$PORT )" | wc -l)"
 cd "$T"
 WSDRAIN_BENCH_PORT=$PORT WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.benchmem \
-  -test.bench 'Count|Process|ReadProc' -test.benchtime 2s -test.count 3 | grep -E '^Benchmark' | tee "$T/out.txt"
+  -test.bench "$BENCH" -test.benchtime 2s -test.count 3 | grep -E '^Benchmark' | tee "$T/out.txt"
 # The median of three runs of each, as the machine's noise is a few per cent.
 awk '
   { name = $1; sub(/-[0-9]+$/, "", name); sub(/^Benchmark/, "", name)
@@ -54,13 +57,18 @@ awk '
     printf "\n"
     nl = cpu["CountNetlink"]; pr = cpu["CountProc"]; nv = cpu["CountNaive"]
     rd = cpu["ReadProcDiscard"]; ws = cpu["ProcessWsdrainCount"]; ss = cpu["ProcessSS"]
-    printf "ratios: /proc path / netlink %.1fx; naive / netlink %.1fx; /proc path / read-and-discard %.2f; ss / wsdrain count %.1fx\n", pr / nl, nv / nl, pr / rd, ss / ws
+    id = cpu["CountNetlinkIdle"]; pe = cpu["CountNetlinkPeer"]
+    if (nl && pr && nv && rd && ws && ss)
+      printf "ratios: /proc path / netlink %.1fx; naive / netlink %.1fx; /proc path / read-and-discard %.2f; ss / wsdrain count %.1fx\n", pr / nl, nv / nl, pr / rd, ss / ws
+    if (nl && id && pe)
+      printf "ratios: --ignore-idle / plain netlink %.2fx; --ignore-peer / plain netlink %.2fx\n", id / nl, pe / nl
   }' "$T/out.txt"
 kill "${holders[@]}"
 wait
 INNER
 done
 
+[ -z "${BENCH:-}" ] || exit 0
 echo
 echo "== the proxy: one readiness probe direct to the app vs through wsdrain proxy, 10 000 each"
 (cd "$T" && WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.bench 'Probe' -test.benchtime 10000x | grep -E '^Benchmark')
