@@ -13,7 +13,8 @@
 // stopper counts the ESTABLISHED connections on the app's port in the pod's
 // shared network namespace and, once none are left, sends SIGTERM to the
 // process that listens on that port. The app's own preStop, an httpGet to the
-// proxy's /drain path, returns when that is done.
+// proxy's /drain path, returns when that is done. The proxy also serves
+// GET /metrics: the calls now, for dashboards and autoscalers.
 //
 // Two more modes help operators: "wsdrain count" prints the live connection
 // count and "wsdrain version" the build.
