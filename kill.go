@@ -71,24 +71,27 @@ func (fs procFS) pids() ([]int, error) {
 }
 
 // socketOwners returns the processes with an open fd on one of the socket
-// inodes, and those whose fds it was not allowed to read.
+// inodes, and those whose fds it was not allowed to read. Each is stat'ed
+// before and after its fds are read: a PID reused meanwhile (the start time
+// differs) is skipped, so an owner's identity is the one whose fds were read.
 func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
 	pids, err := fs.pids()
 	if err != nil {
 		return nil, nil, err
 	}
 	for _, pid := range pids {
+		p, err := fs.stat(pid)
+		if err != nil {
+			continue // gone meanwhile
+		}
 		holds, err := fs.holdsSocket(pid, inodes)
-		if errors.Is(err, os.ErrPermission) {
-			if p, err := fs.stat(pid); err == nil {
-				unreadable = append(unreadable, p)
-			}
-			continue
+		if now, serr := fs.stat(pid); serr != nil || now.start != p.start {
+			continue // gone or reused while its fds were read
 		}
-		if err != nil || !holds {
-			continue // gone meanwhile, or not a holder
-		}
-		if p, err := fs.stat(pid); err == nil {
+		switch {
+		case errors.Is(err, os.ErrPermission):
+			unreadable = append(unreadable, p)
+		case err == nil && holds:
 			owners = append(owners, p)
 		}
 	}
@@ -242,16 +245,29 @@ func describe(ps []process) string {
 	return strings.Join(names, ", ")
 }
 
-// signalProcess sends sig to p unless p has gone or its PID was reused.
+// signalProcess sends sig to p unless p has gone or its PID was reused. It
+// signals through a pidfd, which names one process for good: a start time
+// read after the pidfd was taken proves the pidfd names p, and no reuse of
+// the PID can slip in between that check and the signal.
 func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
+	proc, err := os.FindProcess(p.pid) // pidfd_open(2) on Linux
+	if err != nil {
+		return fmt.Errorf("signal %s to pid %d (%s): %w", signalName(sig), p.pid, p.comm, err)
+	}
+	defer proc.Release()
 	if !fs.alive(p) {
 		return nil
 	}
-	err := syscall.Kill(p.pid, sig)
+	// p is alive, so it was when FindProcess ran: no handle means no pidfd.
+	if err := proc.WithHandle(func(uintptr) {}); err != nil {
+		return hintError{fmt.Errorf("signal %s to pid %d (%s): no pidfd: %w", signalName(sig), p.pid, p.comm, err),
+			"wsdrain signals through a pidfd (Linux 5.4 or later, allowed by the runtime's default seccomp profile), so that a reused PID is never signalled"}
+	}
+	err = proc.Signal(sig) // pidfd_send_signal(2)
 	switch {
-	case err == syscall.ESRCH:
+	case errors.Is(err, os.ErrProcessDone):
 		return nil
-	case err == syscall.EPERM:
+	case errors.Is(err, syscall.EPERM):
 		return hintError{fmt.Errorf("signal %s to pid %d (%s): operation not permitted", signalName(sig), p.pid, p.comm),
 			"run the sidecar with the app's runAsUser: signalling another user's process needs CAP_KILL, which the restricted profile forbids"}
 	case err != nil:

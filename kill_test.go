@@ -182,3 +182,45 @@ func writeStat(t *testing.T, root string, pid int, content string) {
 		t.Fatal(err)
 	}
 }
+
+// TestSignalsOnlyTheProcessWithTheRecordedStartTime: a process whose start
+// time is not the one the stopper saw (its PID was reused) is left alone,
+// through the real signalling path.
+func TestSignalsOnlyTheProcessWithTheRecordedStartTime(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "--port", "0")
+	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "listening") {
+		t.Fatalf("app did not start: %q", lines.Text())
+	}
+	fs := procFS{"/proc"}
+	app, err := fs.stat(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The app reports the first signal it gets. SIGINT goes to the stale
+	// identity; were both pending, the lower-numbered SIGINT would come first.
+	stale := app
+	stale.start++
+	if err := fs.signalProcess(stale, syscall.SIGINT); err != nil {
+		t.Fatalf("signalling a stale identity: %v", err)
+	}
+	if err := fs.signalProcess(app, syscall.SIGTERM); err != nil {
+		t.Fatalf("signalling the app: %v", err)
+	}
+	if !lines.Scan() || lines.Text() != "app: got terminated" {
+		t.Fatalf("app said %q; want only the SIGTERM sent to its own identity", lines.Text())
+	}
+	cmd.Wait()
+	if err := fs.signalProcess(app, syscall.SIGTERM); err != nil {
+		t.Fatalf("signalling an app that has exited: %v; want nothing done", err)
+	}
+}
