@@ -5,7 +5,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -147,6 +146,18 @@ func startTestApp(t *testing.T, extra ...string) (*exec.Cmd, uint16) {
 	t.Helper()
 	port := uint16(mustPort(t, freeAddr(t)))
 	cmd := exec.Command(os.Args[0], append([]string{"--port", strconv.Itoa(int(port))}, extra...)...)
+	lines := runTestAppCmd(t, cmd)
+	go func() {
+		for lines.Scan() {
+		}
+	}()
+	return cmd, port
+}
+
+// runTestAppCmd starts cmd as the demo app, kills it when the test ends, and
+// returns its output after the line that says it listens.
+func runTestAppCmd(t *testing.T, cmd *exec.Cmd) *bufio.Scanner {
+	t.Helper()
 	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -156,12 +167,11 @@ func startTestApp(t *testing.T, extra ...string) (*exec.Cmd, uint16) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil || !strings.Contains(line, "listening") {
-		t.Fatalf("app did not start: %q %v", line, err)
+	lines := bufio.NewScanner(stdout)
+	if !lines.Scan() || !strings.Contains(lines.Text(), "listening") {
+		t.Fatalf("app did not start: %q %v", lines.Text(), lines.Err())
 	}
-	go io.Copy(io.Discard, stdout)
-	return cmd, port
+	return lines
 }
 
 func mustPort(t *testing.T, addr string) int {
@@ -188,19 +198,7 @@ func writeStat(t *testing.T, root string, pid int, content string) {
 // through the real signalling path.
 func TestSignalsOnlyTheProcessWithTheRecordedStartTime(t *testing.T) {
 	cmd := exec.Command(os.Args[0], "--port", "0")
-	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	lines := bufio.NewScanner(stdout)
-	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "listening") {
-		t.Fatalf("app did not start: %q", lines.Text())
-	}
+	lines := runTestAppCmd(t, cmd)
 	fs := procFS{"/proc"}
 	app, err := fs.stat(cmd.Process.Pid)
 	if err != nil {

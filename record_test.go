@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -179,20 +178,12 @@ func TestTargetProcessRecordsWhatWasSignalledBeforeAFailure(t *testing.T) {
 func startNamedApp(t *testing.T, bin string, cred *syscall.Credential) int {
 	t.Helper()
 	cmd := exec.Command(bin, "--port", "0")
-	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	if _, err := stdout.Read(make([]byte, 64)); err != nil {
-		t.Fatalf("app did not start: %v", err)
-	}
-	go io.Copy(io.Discard, stdout)
+	lines := runTestAppCmd(t, cmd)
+	go func() {
+		for lines.Scan() {
+		}
+	}()
 	return cmd.Process.Pid
 }
 
