@@ -2,7 +2,7 @@
 // connections terminate only after its last connection has ended, without
 // changing the application.
 //
-// It runs as a sidecar in a pod with shareProcessNamespace: true, in two modes:
+// It runs as a sidecar, in two modes:
 //
 //	wsdrain proxy    the readiness proxy, for the pod's whole life
 //	wsdrain stopper  the sidecar's preStop hook
@@ -11,10 +11,12 @@
 // endpoint, until the stopper tells it through a FIFO that the pod is
 // terminating; from then on it answers 503 so no new call is routed here. The
 // stopper counts the ESTABLISHED connections on the app's port in the pod's
-// shared network namespace and, once none are left, sends SIGTERM to the
-// process that listens on that port. The app's own preStop, an httpGet to the
-// proxy's /drain path, returns when that is done. The proxy also serves
-// GET /metrics: the calls now, for dashboards and autoscalers.
+// shared network namespace and, once none are left, releases the app's own
+// preStop, an httpGet to the proxy's /drain path; the kubelet then sends the
+// app its stop signal. In a pod with shareProcessNamespace: true the stopper
+// first sends SIGTERM itself to the process that listens on that port, which
+// reaches a server behind a wrapper that would not pass the kubelet's on. The
+// proxy also serves GET /metrics: the calls now, for dashboards and autoscalers.
 //
 // Two more modes help operators: "wsdrain count" prints the live connection
 // count and "wsdrain version" the build.
@@ -43,7 +45,7 @@ const usage = `wsdrain: drain a pod's long-lived connections before it stops
 
 usage:
   wsdrain proxy   [flags]   readiness proxy; runs for the pod's whole life
-  wsdrain stopper [flags]   preStop hook: drain, wait for zero connections, signal the app
+  wsdrain stopper [flags]   preStop hook: drain, wait for zero connections, stop the app
   wsdrain count   [flags]   print the ESTABLISHED connections on the app's port
   wsdrain version           print the version
 

@@ -25,6 +25,8 @@ import (
 // TestEndToEndInNamespaces runs the real binary the way a pod does: in a
 // network and PID namespace of its own, next to a dual-stack app whose
 // process is not its parent, with PID 1 a process it must never signal.
+// The "private-" scenarios (pidns_test.go) give the sidecar a PID namespace
+// of its own, as in a pod without shareProcessNamespace.
 func TestEndToEndInNamespaces(t *testing.T) {
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") != "" {
@@ -32,7 +34,8 @@ func TestEndToEndInNamespaces(t *testing.T) {
 		}
 		t.Skip("skipped: creating network and PID namespaces needs root (run as root, as CI does)")
 	}
-	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper", "unreadable-master", "exclusions"} {
+	for _, name := range []string{"calls", "events", "timeout", "no-fifo", "wrapper", "unreadable-master", "exclusions",
+		"other-uid", "private-calls", "private-timeout"} {
 		t.Run(name, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestNamespaceScenario$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), "WSDRAIN_NS_SCENARIO="+name)
@@ -69,6 +72,12 @@ func TestNamespaceScenario(t *testing.T) {
 		scenarioUnreadableMaster(t, pod)
 	case "exclusions":
 		scenarioExclusions(t, pod)
+	case "other-uid":
+		scenarioOtherUID(t, pod)
+	case "private-calls":
+		scenarioPrivateCalls(t, pod)
+	case "private-timeout":
+		scenarioPrivateTimeout(t, pod)
 	default:
 		t.Fatalf("unknown scenario %q", name)
 	}
@@ -305,6 +314,10 @@ type nsPod struct {
 	appPID               int
 	appLines             chan string
 	proxyOut, stopperErr *syncBuffer
+
+	// The way into a private sidecar (startPrivateSidecar).
+	hookArgs, hookExit pipeEnds
+	hookErrCopied      chan struct{}
 }
 
 func newNSPod(t *testing.T) *nsPod {
@@ -353,19 +366,16 @@ func (p *nsPod) startProxy(t *testing.T, extra ...string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
-	waitFor(t, "the proxy to pass the app's health on", func() bool {
-		resp, err := http.Get("http://127.0.0.1:8081/")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	waitProxyReady(t)
 }
 
+// startStopper runs the stopper in a mount namespace of its own, as in the
+// sidecar's container, while PID 1 (this test, standing for /pause) is in
+// another: a shared PID namespace.
 func (p *nsPod) startStopper(t *testing.T, args ...string) *exec.Cmd {
 	t.Helper()
 	cmd := wsdrainCmd(append([]string{"stopper", "--target-port", "8080", "--fifo", p.fifo}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS}
 	cmd.Stderr = p.stopperErr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -492,10 +502,7 @@ func enterPodLikeNamespace(t *testing.T) {
 	if os.Getpid() != 1 {
 		t.Fatalf("not PID 1 of a new PID namespace (pid %d)", os.Getpid())
 	}
-	if err := syscall.Mount("", "/", "", syscall.MS_REC|syscall.MS_PRIVATE, ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Mount("proc", "/proc", "proc", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil {
+	if err := mountProc(); err != nil {
 		t.Fatal(err)
 	}
 	if err := setLoopbackUp(); err != nil {

@@ -1,6 +1,7 @@
 // stopper.go is the sidecar's preStop hook: it starts the drain, waits until
-// the app's port has no ESTABLISHED connection left, signals the app, and
-// tells all of it to the proxy's log, since the kubelet discards hook output.
+// the app's port has no ESTABLISHED connection left, signals the app (or,
+// where it cannot see the app, leaves that to the kubelet), and tells all of
+// it to the proxy's log, since the kubelet discards hook output.
 // It also holds the count mode, which shows an operator the same count.
 
 package main
@@ -24,6 +25,12 @@ the ESTABLISHED connections whose local port is -target-port, and once there
 are none (and -min-drain has passed) signals the app and releases the app's
 preStop. Everything it does is copied to the proxy's log (kubectl logs).
 
+In a pod without shareProcessNamespace, where the sidecar's PID 1 is its own
+proxy and the app is out of sight, it tells so by itself and signals nothing:
+it releases the app's preStop, the kubelet sends the app its stop signal, and
+it waits for the app's listening socket to close. -target-process and -signal
+then have no effect.
+
 example:
   wsdrain stopper --target-port 8080 --fifo /run/wsdrain/drain.fifo --timeout 570s
 
@@ -44,8 +51,8 @@ flags:
   -target-process NAME    signal the processes with this /proc/PID/comm instead of
                           the owner of the socket listening on -target-port
   -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
-  -exit-wait D            after signalling, how long to wait for the app to exit
-                          (default 10s)
+  -exit-wait D            after signalling (or releasing the app's preStop), how
+                          long to wait for the app to exit (default 10s)
   -source S               where counts come from: netlink (sock_diag, the kernel
                           filters), proc (/proc/net/tcp and tcp6), or auto:
                           netlink unless refused, then proc (default auto)
@@ -57,7 +64,9 @@ flags:
                           netlink (default 0: off)
 
 exit status: 0 when the app was signalled (or a previous run already did),
-1 when no target was found or it could not be signalled, 2 for bad usage.
+or, in a PID namespace of the sidecar's own, once the app's preStop is
+released; 1 when no target was found or it could not be signalled; 2 for bad
+usage.
 `
 
 type stopperConfig struct {
@@ -142,6 +151,11 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			sig:      cfg.signal,
 			log:      log,
 		},
+		ownPIDNamespace: fs.ownPIDNamespace(),
+		listening: func() (bool, error) {
+			inodes, err := source.listeners(cfg.port)
+			return len(inodes) > 0, err
+		},
 	}
 	return s.run(ctx)
 }
@@ -200,18 +214,25 @@ type stopper struct {
 		signal(ctx context.Context) ([]process, error)
 		waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool
 	}
+	// ownPIDNamespace: the app is out of sight and the kubelet signals it;
+	// listening then tells when the app has exited.
+	ownPIDNamespace bool
+	listening       func() (bool, error)
 }
 
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
 		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
-		"not_calls", s.cfg.exclude.String())
+		"not_calls", s.cfg.exclude.String(), "pid_namespace", pidNamespaceName(s.ownPIDNamespace))
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
 	}
 	if err := s.waitForCalls(ctx, begun); err != nil {
 		return err
+	}
+	if s.ownPIDNamespace {
+		return s.leaveSignalToKubelet(ctx)
 	}
 	signalled, err := s.app.signal(ctx)
 	// Release the app's preStop even when signalling failed: the kubelet's
@@ -250,7 +271,7 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 			return nil
 		}
 		if s.cfg.timeout > 0 && elapsed >= s.cfg.timeout {
-			s.log.Warn("drain timeout: signalling the app with connections still open",
+			s.log.Warn("drain timeout: stopping the app with connections still open",
 				"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
 			return nil
 		}
