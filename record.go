@@ -86,7 +86,9 @@ func checkOwnFile(fi os.FileInfo) error {
 	switch {
 	case !fi.Mode().IsRegular():
 		return fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
-	case !ok || int(st.Uid) != os.Geteuid():
+	case !ok:
+		return errors.New("owner unknown")
+	case int(st.Uid) != os.Geteuid():
 		return fmt.Errorf("owned by another user (uid %d)", st.Uid)
 	case fi.Mode().Perm()&0o022 != 0:
 		return fmt.Errorf("writable by other users (mode %s)", fi.Mode().Perm())
