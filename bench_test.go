@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -34,13 +35,6 @@ func benchPort(b *testing.B) uint16 {
 	return 8080
 }
 
-// cpuTime is this process's user+system CPU time so far.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // benchCount runs count b.N times and reports CPU time per count and what
 // was counted, in unit.
 func benchCount(b *testing.B, unit string, count func(uint16) (int, error)) {
@@ -51,13 +45,13 @@ func benchCount(b *testing.B, unit string, count func(uint16) (int, error)) {
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
-	start := cpuTime()
+	start := processCPU()
 	for range b.N {
 		if n, err := count(port); err != nil || n < want/2 {
 			b.Fatalf("count = %d, %v", n, err)
 		}
 	}
-	b.ReportMetric(float64(cpuTime()-start)/float64(b.N)/1e6, "cpu-ms/op")
+	b.ReportMetric(float64(processCPU()-start)/float64(b.N)/1e6, "cpu-ms/op")
 	b.ReportMetric(float64(want), unit)
 }
 
@@ -304,13 +298,19 @@ func init() { testRoles["holder"] = runBenchHolder }
 
 // runBenchHolder holds connections for bench/run.sh: it listens on addr,
 // opens n connections to itself, says "ready" and keeps them until SIGTERM.
-// The hard open-files limit (20 000 here) is why several run.
+// Given a rate, SIGUSR1 makes it close that many connections a second, to
+// load the stopper with destroy events. The hard open-files limit (20 000
+// here) is why several run.
 func runBenchHolder(args []string) int {
-	if len(args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: holder ADDR N")
+	if len(args) < 2 || len(args) > 3 {
+		fmt.Fprintln(os.Stderr, "usage: holder ADDR N [CLOSES_PER_SECOND]")
 		return 2
 	}
 	n, _ := strconv.Atoi(args[1])
+	rate := 0.0
+	if len(args) == 3 {
+		rate, _ = strconv.ParseFloat(args[2], 64)
+	}
 	ln, err := net.Listen("tcp", args[0])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -330,12 +330,114 @@ func runBenchHolder(args []string) int {
 		}
 		conns = append(conns, c, s)
 	}
-	stop := make(chan os.Signal, 1)
+	stop, start := make(chan os.Signal, 1), make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM)
+	signal.Notify(start, syscall.SIGUSR1)
 	fmt.Println("ready")
-	<-stop
-	for _, c := range conns {
-		c.Close()
+	var tick <-chan time.Time
+	for {
+		select {
+		case <-start:
+			if rate > 0 {
+				tick = time.NewTicker(time.Duration(float64(time.Second) / rate)).C
+			}
+		case <-tick:
+			if len(conns) >= 2 {
+				conns[0].Close()
+				conns[1].Close()
+				conns = conns[2:]
+			}
+		case <-stop:
+			for _, c := range conns {
+				c.Close()
+			}
+			return 0
+		}
 	}
-	return 0
+}
+
+// BenchmarkReaction drains b.N times, as bench/run.sh runs it in a network
+// namespace of its own: a fresh app, one call, a stopper polling every 5s,
+// the call closed; it reports the time from the close to the app's SIGTERM.
+func BenchmarkReaction(b *testing.B) {
+	if os.Getenv("WSDRAIN_BENCH_PORT") == "" {
+		b.Skip("run by bench/run.sh, in a network namespace of its own")
+	}
+	port := strconv.Itoa(int(benchPort(b)))
+	var took []time.Duration
+	for range b.N {
+		took = append(took, drainOnce(b, port))
+	}
+	slices.Sort(took)
+	rank := func(p float64) float64 { return float64(took[int(math.Ceil(p*float64(len(took))))-1]) / 1e6 }
+	b.ReportMetric(rank(0.50), "p50-ms")
+	b.ReportMetric(rank(0.99), "p99-ms")
+	b.ReportMetric(float64(took[len(took)-1])/1e6, "max-ms")
+}
+
+// drainOnce runs one drain of BenchmarkReaction.
+func drainOnce(b *testing.B, port string) time.Duration {
+	app := exec.Command(os.Args[0], "--port", port)
+	app.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
+	appOut := lines(b, app.StdoutPipe)
+	if err := app.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer app.Wait()
+	defer app.Process.Kill()
+	if line := <-appOut; !strings.HasPrefix(line, "listening") {
+		b.Fatalf("app: %q", line)
+	}
+	call, err := net.Dial("tcp", "127.0.0.1:"+port)
+	if err != nil {
+		b.Fatal(err)
+	}
+	fmt.Fprintf(call, "GET /call HTTP/1.1\r\nHost: app\r\n\r\n")
+	if line, err := bufio.NewReader(call).ReadString('\n'); err != nil || line != "connected\n" {
+		b.Fatalf("call: %q %v", line, err)
+	}
+	stopper := wsdrainCmd("stopper", "--target-port", port, "--fifo", filepath.Join(b.TempDir(), "drain.fifo"),
+		"--interval", "5s", "--min-drain", "0s")
+	stopperLog := lines(b, stopper.StderrPipe)
+	if err := stopper.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer stopper.Wait()
+	counted := false
+	for line := range stopperLog {
+		if counted = strings.Contains(line, "count=1"); counted {
+			break
+		}
+	}
+	if !counted {
+		b.Fatal("the stopper ended before it counted the call")
+	}
+	closed := time.Now()
+	call.Close()
+	if line := <-appOut; line != "app: got terminated" {
+		b.Fatalf("app: %q", line)
+	}
+	took := time.Since(closed)
+	go func() {
+		for range stopperLog {
+		}
+	}()
+	return took
+}
+
+// lines starts a reader of a command's output pipe, one line at a time.
+func lines(b *testing.B, pipe func() (io.ReadCloser, error)) <-chan string {
+	r, err := pipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	ch := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			ch <- sc.Text()
+		}
+		close(ch)
+	}()
+	return ch
 }

@@ -139,6 +139,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		log:    log,
 		source: source.name(),
 		events: events,
+		cpu:    processCPU,
 		count:  func() (tally, error) { return source.established(cfg.port, cfg.exclude) },
 		notify: pipe.send,
 		now:    time.Now,
@@ -204,8 +205,9 @@ func (w destroyWait) wait(ctx context.Context, d time.Duration) (woken bool, err
 type stopper struct {
 	cfg    stopperConfig
 	log    *slog.Logger
-	source string      // where counts come from, for the log
-	events eventWaiter // nil: no destroy events, poll only
+	source string               // where counts come from, for the log
+	events eventWaiter          // nil: no destroy events, poll only
+	cpu    func() time.Duration // CPU used so far; read only with events
 	count  func() (tally, error)
 	notify func(msg string) error
 	now    func() time.Time
@@ -256,10 +258,9 @@ func (s *stopper) run(ctx context.Context) error {
 // a snapshot of the socket tables, so one reading can miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 	r := countReporter{log: s.log, last: tally{calls: -1}}
+	afterEvent := false // whether the last count answered a destroy event
 	for {
-		started := s.now()
-		t, err := s.count()
-		cost := s.now().Sub(started)
+		t, cost, err := s.timedCount()
 		elapsed := s.now().Sub(begun)
 		if err == nil && t.calls == 0 && elapsed >= s.cfg.minDrain {
 			t, err = s.secondReading(elapsed)
@@ -275,10 +276,32 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 				"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
 			return nil
 		}
-		if err := s.pause(ctx, s.nextWait(n, err, elapsed), cost); err != nil {
-			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), err)
+		woken, perr := s.pause(ctx, s.nextWait(n, err, elapsed), cost, afterEvent)
+		if perr != nil {
+			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), perr)
 		}
+		afterEvent = woken
 	}
+}
+
+// timedCount counts and, when events can trigger counts (they are spaced
+// by it), says what the count cost in CPU time. CPU, not the clock: on a
+// busy node a cheap count can take long, and it would hold back the next.
+func (s *stopper) timedCount() (t tally, cost time.Duration, err error) {
+	if s.events == nil {
+		t, err = s.count()
+		return t, 0, err
+	}
+	before := s.cpu()
+	t, err = s.count()
+	return t, s.cpu() - before, err
+}
+
+// processCPU is the CPU time, user and system, this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // secondReading counts again after a zero; what it reads stands.
@@ -291,29 +314,29 @@ func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
 	return t, err
 }
 
-// recountGap is how many times the last count's cost must pass before a
-// destroy event may trigger the next count: with 50 000 calls ending at
-// hundreds a second, counting stays under a tenth of a core, and with few
-// calls left a count is cheap and follows the event at once.
+// recountGap is how many times its cost must pass after a count that
+// answered an event before the next event may trigger another: with 50 000
+// calls ending at hundreds a second, counting stays under a tenth of a core,
+// and with few calls left a count is cheap and follows the event at once.
 const recountGap = 10
 
 // pause waits until the next poll, d, or until a destroy event on the
-// target port, but then no sooner than recountGap times cost after the
-// last count. Events that come meanwhile are answered by the same count.
-func (s *stopper) pause(ctx context.Context, d, cost time.Duration) error {
+// target port, and reports whether an event ended it. When the last count
+// answered an event too (spaced), the next waits until recountGap times
+// that count's cost has passed since it; events meanwhile share it. The
+// first event after a quiet spell is answered at once.
+func (s *stopper) pause(ctx context.Context, d, cost time.Duration, spaced bool) (woken bool, err error) {
 	if s.events == nil {
-		return s.sleep(ctx, d)
+		return false, s.sleep(ctx, d)
 	}
 	from := s.now()
-	woken, err := s.events.wait(ctx, d)
-	if err != nil || !woken {
-		return err
+	if woken, err = s.events.wait(ctx, d); err != nil || !woken || !spaced {
+		return woken, err
 	}
-	waited := s.now().Sub(from)
-	if rest := min(recountGap*cost, d) - waited; rest > 0 {
-		return s.sleep(ctx, rest)
+	if rest := min(recountGap*cost, d) - s.now().Sub(from); rest > 0 {
+		return true, s.sleep(ctx, rest)
 	}
-	return nil
+	return true, nil
 }
 
 // nextWait is one interval, cut short to land on -min-drain or -timeout.

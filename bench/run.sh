@@ -18,29 +18,16 @@ trap 'rm -rf "$T"' EXIT
 go build -trimpath -ldflags "-s -w" -o "$T/wsdrain" .
 go test -c -o "$T/wsdrain.test" .
 PORT=8080
-PER_HOLDER=8000 # two fds a connection: under the hard limit of 20 000 open files
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r), $(go version | cut -d' ' -f3)"
 for n in "${sizes[@]}"; do
   echo
   echo "== $n established connections on port $PORT (plus their $n client ends)"
-  unshare --net bash -s "$n" "$T" "$PORT" "$PER_HOLDER" "${BENCH:-Count|Process|ReadProc}" <<'INNER'
-set -euo pipefail
-n=$1 T=$2 PORT=$3 PER=$4 BENCH=$5
-ip link set lo up
-holders=()
-left=$n k=0
-while [ "$left" -gt 0 ]; do
-  m=$(( left < PER ? left : PER ))
-  # Each holder has its own loopback address, so ephemeral ports never run short.
-  WSDRAIN_TEST_ROLE=holder "$T/wsdrain.test" "127.0.0.$((k + 2)):$PORT" "$m" > "$T/holder.$k" &
-  holders+=($!)
-  until grep -q ready "$T/holder.$k"; do
-    kill -0 "${holders[-1]}" 2>/dev/null || { echo "holder $k failed" >&2; exit 1; }
-    sleep 0.2
-  done
-  left=$((left - m)) k=$((k + 1))
-done
+  unshare --net bash -s "$n" "$T" "$PORT" "${BENCH:-Count|Process|ReadProc}" <<'INNER'
+n=$1 T=$2 PORT=$3 BENCH=$4
+source bench/hold.sh
+hold "$PORT" "$n"
+k=${#holders[@]}
 echo "holders: $k processes; ss counts $(ss -Htn state established "( sport = :$PORT )" | wc -l)"
 cd "$T"
 WSDRAIN_BENCH_PORT=$PORT WSDRAIN_BIN=$T/wsdrain ./wsdrain.test -test.run '^$' -test.benchmem \
