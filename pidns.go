@@ -48,9 +48,9 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 	return nil
 }
 
-// listenerGone polls until nothing listens on the app's port, up to limit,
+// listenerGone waits until nothing listens on the app's port, up to limit,
 // and says how it went. A lookup that fails is not "gone": it waits on.
-func (s *stopper) listenerGone(ctx context.Context, limit time.Duration) bool {
+func (s *stopper) listenerGone(ctx context.Context, limit time.Duration) {
 	const step = 100 * time.Millisecond
 	released := s.now()
 	for {
@@ -58,14 +58,14 @@ func (s *stopper) listenerGone(ctx context.Context, limit time.Duration) bool {
 		waited := s.now().Sub(released)
 		if err == nil && !listening {
 			s.log.Info("app exited", "within", waited.Round(time.Millisecond), "seen_as", "its listening socket closed")
-			return true
+			return
 		}
 		if waited >= limit || s.sleep(ctx, min(step, limit-waited)) != nil {
 			if err != nil {
 				s.log.Warn("could not see whether the app still listens", "err", err)
 			}
 			s.log.Warn("app still listening; the kubelet takes over", "waited", waited.Round(time.Millisecond))
-			return false
+			return
 		}
 	}
 }
