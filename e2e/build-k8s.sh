@@ -3,7 +3,8 @@
 # the repo. k8s.io/kubernetes is on the Go module proxy but not go-installable: its go.mod points
 # k8s.io/* at ./staging, which the module zip lacks, so each replace is rewritten to the published
 # module of the same minor (see shared/LAB.md).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "build-k8s: FAILED at line $LINENO: $BASH_COMMAND (exit status $?)" >&2' ERR
 
 version=${1:?usage: build-k8s.sh VERSION OUTDIR}
 out=${2:?usage: build-k8s.sh VERSION OUTDIR}
@@ -17,8 +18,11 @@ staging_ver="v0.${version#v1.}"
 src=$(mktemp -d /tmp/k8s-src.XXXXXX)
 trap 'chmod -R u+w "$src" 2>/dev/null; rm -rf "$src"' EXIT
 
-dir=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
-[ -d "$dir" ] || { echo "build-k8s: module download failed" >&2; exit 1; }
+info=$(go mod download -json "k8s.io/kubernetes@$version") || {
+  echo "build-k8s: cannot download k8s.io/kubernetes@$version: $(sed -n 's/^\t"Error": //p' <<< "$info")" >&2
+  exit 1
+}
+dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<< "$info")
 cp -r "$dir/." "$src"; chmod -R u+w "$src"
 rm -f "$src/go.work" "$src/go.work.sum"
 sed -i -E "s#^(\s*)(k8s\.io/[a-z0-9-]+) => \./staging/src/k8s\.io/[a-z0-9-]+#\1\2 => \2 $staging_ver#" "$src/go.mod"

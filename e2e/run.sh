@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # e2e/run.sh: stand up a real single-node Kubernetes on this machine (etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, containerd,
-# runc, the CNI bridge), deploy the shipped k8s.yaml with images built from the
+# runc, the CNI bridge), deploy the shipped manifest with images built from the
 # project's Dockerfile, and show that calls survive pod termination.
+#
+#   ./e2e/run.sh                                          the newest supported minor
+#   K8S_VERSION=v1.35.4 ./e2e/run.sh                      another one
+#   K8S_VERSIONS="v1.35.4 v1.36.3 v1.37.2" ./e2e/run.sh   each in turn (CI), one summary table
 #
 # Needs root and Linux (cgroup v1 or v2), ~4 GB of disk. Installs what is
 # missing (Debian packages, Go modules); builds the Kubernetes binaries once
 # into $WSDRAIN_E2E_CACHE (default /var/cache/wsdrain-e2e), keyed by version.
-# On any exit it stops every process it started, by PID, and removes every
-# mount, bridge and directory it created, and nothing else.
-set -euo pipefail
+# The images are built once per run; each version gets a fresh containerd,
+# etcd, control plane and kubelet. On any exit it stops every process it
+# started, by PID, and removes every mount, bridge and directory it created,
+# and nothing else.
+set -Eeuo pipefail
 
-K8S_VERSION=${K8S_VERSION:-v1.33.13}
+# Tested: v1.35.4, v1.36.3, v1.37.2 (supported minors) and v1.33.13.
+read -r -a VERSIONS <<< "${K8S_VERSIONS:-${K8S_VERSION:-v1.37.2}}"
+# The manifests at the repo root to run every scenario on.
+read -r -a MANIFESTS <<< "${E2E_MANIFESTS:-k8s.yaml}"
+# E2E_RUN=REGEXP runs only the scenarios whose name matches (cmd/scenarios -run).
 CACHE=${WSDRAIN_E2E_CACHE:-/var/cache/wsdrain-e2e}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 GO_BUILDER_TAG=$(sed -n 's/^FROM .*golang:\([0-9.]*\) AS build$/\1/p' "$REPO/Dockerfile")
@@ -24,30 +34,39 @@ export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
 
 started=$(date +%s.%N)
 phase_start=$started
+step="start"
 phase() {
   local now; now=$(date +%s.%N)
+  step=$1
   awk -v p="$1" -v a="$phase_start" -v b="$now" -v s="$started" \
     'BEGIN { printf "\n### %s  (previous phase %.1fs, total %.1fs)\n", p, b - a, b - s }'
   phase_start=$now
 }
 die() { echo "e2e: $*" >&2; exit 1; }
 
+# Every failure names its step, line and command: set -e alone would end the
+# script without a word.
+trap 'echo "e2e: FAILED at step \"$step\", line $LINENO: $BASH_COMMAND (exit status $?)" >&2' ERR
+
 [ "$(uname -s)" = Linux ] || die "needs Linux"
 [ "$(id -u)" = 0 ] || die "needs root: it starts a kubelet, containerd and network bridges"
+for m in "${MANIFESTS[@]}"; do [ -f "$REPO/$m" ] || die "no manifest $REPO/$m"; done
 mkdir -p "$CACHE"
 exec 9> "$CACHE/run.lock"
 flock -n 9 || die "another e2e run is active on this host (two kubelets cannot share one)"
 
 # ---------------------------------------------------------------- cleanup
-W=""
-pids=()
+KUBECTL=""      # the running cluster's kubectl
+W=""            # this run's work dir
+C=""            # the running cluster's dir under it, one per version
+pids=()         # the running cluster's processes, in start order
 created=()      # system paths this run created, removed at exit
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 remember_new() { for p in "$@"; do [ -e "$p" ] || created+=("$p"); done; }
 
-# Shared runtime directories: at exit, only the entries this run added go.
+# Shared runtime directories: only the entries this run added are removed.
 watched=(/run/netns /run/containerd/s /run/containerd/runc/k8s.io /var/lib/cni/results
   /var/lib/cni/networks /var/lib/kubelet/device-plugins /var/log/containers /var/log/pods)
 snapshot_watched() { for d in "${watched[@]}"; do ls -A "$d" > "$W/before${d//\//_}" 2>/dev/null || true; done; }
@@ -63,47 +82,70 @@ remove_added_entries() {
   done
 }
 
-cleanup() {
-  local rc=$?
-  set +e
-  trap - EXIT INT TERM
-  echo
-  echo "### cleanup"
-  if [ -n "$W" ] && [ -S "$W/containerd.sock" ]; then
+# The host's firewall rules without counters and comments; empty, not an
+# error, when there are none or no iptables at all (a fresh machine).
+iptables_rules() {
+  local t
+  for t in iptables-save ip6tables-save; do
+    command -v "$t" >/dev/null || continue
+    "$t" 2>/dev/null | sed -e '/^[#:]/d' -e 's/\[[0-9:]*\]//' || true
+  done
+}
+
+# stop_cluster stops the running cluster and removes its state; run between
+# versions and at exit, with errors ignored.
+stop_cluster() {
+  [ -n "$C" ] || return 0
+  if [ -S "$C/containerd.sock" ]; then
     # Pods first, through the kubelet so that CNI releases their addresses;
     # then whatever is left, by force. Their shims outlive containerd.
-    "$KUBECTL" --kubeconfig "$W/kubeconfig" delete deployment,pod --all --grace-period=1 --wait=true --timeout=40s >/dev/null 2>&1
-    local ctr=(ctr --address "$W/containerd.sock" -n k8s.io) t
+    "$KUBECTL" --kubeconfig "$C/kubeconfig" delete deployment,pod --all --grace-period=1 --wait=true --timeout=40s >/dev/null 2>&1
+    local ctr=(ctr --address "$C/containerd.sock" -n k8s.io) t
     for t in $("${ctr[@]}" tasks ls -q 2>/dev/null); do "${ctr[@]}" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
     sleep 1
     for t in $("${ctr[@]}" tasks ls -q 2>/dev/null); do "${ctr[@]}" tasks delete -f "$t" >/dev/null 2>&1; done
     for t in $("${ctr[@]}" containers ls -q 2>/dev/null); do "${ctr[@]}" containers delete "$t" >/dev/null 2>&1; done
   fi
   # Stop in reverse order of start; the API server before etcd.
+  local i p
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     kill "${pids[i]}" 2>/dev/null
     for _ in $(seq 50); do kill -0 "${pids[i]}" 2>/dev/null || break; sleep 0.1; done
     kill -9 "${pids[i]}" 2>/dev/null
   done
+  pids=()
+  # containerd shims started for this cluster's socket.
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "-address $C/containerd.sock"; then
+      kill -9 "${p#/proc/}" 2>/dev/null
+    fi
+  done
+  sleep 0.5
+  # Mounts under the cluster's dir and its pods' network namespaces, deepest first.
+  awk -v w="$C" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+  remove_added_entries
+  C=""
+}
+
+cleanup() {
+  local rc=$? summary=""
+  set +eu
+  trap - EXIT INT TERM ERR
+  echo
+  echo "### cleanup"
+  stop_cluster
   if [ -n "$W" ]; then
-    # containerd shims started for this run's socket.
-    for p in /proc/[0-9]*; do
-      if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "-address $W/containerd.sock"; then
-        kill -9 "${p#/proc/}" 2>/dev/null
-      fi
-    done
-    sleep 0.5
-    # Mounts under the work dir and this run's network namespaces, deepest first.
+    [ -s "$W/results.tsv" ] && summary=$("$W/images/scenarios" -summary "$W/results.tsv")
+    if [ -e "$W/bridge.ours" ] && ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
     awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
-    remove_added_entries
   fi
-  ip link show "$BRIDGE" >/dev/null 2>&1 && [ -n "$W" ] && [ -e "$W/bridge.ours" ] && ip link delete "$BRIDGE"
   for p in "${created[@]}"; do rm -rf "$p"; done
   if [ -n "$W" ] && [ -f "$W/iptables.before" ] && ! diff -q "$W/iptables.before" <(iptables_rules) >/dev/null; then
     echo "WARNING: the firewall rules changed during the run:"; diff "$W/iptables.before" <(iptables_rules)
   fi
   [ -n "$W" ] && rm -rf "$W"
   echo "removed the work dir, mounts, bridge $BRIDGE and ${#created[@]} system paths this run created"
+  [ -n "$summary" ] && echo "$summary"
   exit "$rc"
 }
 
@@ -122,25 +164,30 @@ fi
 mkdir -p "$CACHE/debs"
 for pkg in etcd-server busybox-static; do
   if ! ls "$CACHE/debs/$pkg"_*.deb >/dev/null 2>&1; then
-    (cd "$CACHE/debs" && apt-get download "$pkg" 2>/dev/null) || { apt-get update -qq; (cd "$CACHE/debs" && apt-get download "$pkg"); }
+    # On a fresh machine the package lists may be empty: update, then retry.
+    (cd "$CACHE/debs" && apt-get download -q "$pkg" 2>/dev/null) || { apt-get update -qq; (cd "$CACHE/debs" && apt-get download -q "$pkg"); }
   fi
-  [ -d "$CACHE/$pkg" ] || dpkg-deb -x "$CACHE/debs/$pkg"_*.deb "$CACHE/$pkg"
+  if [ ! -d "$CACHE/$pkg" ]; then # unpacked aside first: an interrupted unpack is not a cache
+    rm -rf "$CACHE/$pkg.tmp"
+    dpkg-deb -x "$CACHE/debs/$pkg"_*.deb "$CACHE/$pkg.tmp"
+    mv "$CACHE/$pkg.tmp" "$CACHE/$pkg"
+  fi
 done
 ETCD=$CACHE/etcd-server/usr/bin/etcd
 BUSYBOX=$CACHE/busybox-static/bin/busybox
 [ -x "$ETCD" ] && [ -x "$BUSYBOX" ] || die "etcd or busybox missing from their Debian packages"
 
-phase "Kubernetes $K8S_VERSION binaries (built once into $CACHE)"
-BIN=$CACHE/k8s-$K8S_VERSION
-bash "$REPO/e2e/build-k8s.sh" "$K8S_VERSION" "$BIN"
-KUBECTL=$BIN/kubectl
+for v in "${VERSIONS[@]}"; do
+  phase "Kubernetes $v binaries (built once into $CACHE/k8s-$v)"
+  bash "$REPO/e2e/build-k8s.sh" "$v" "$CACHE/k8s-$v"
+done
 
 W=$(mktemp -d /var/tmp/wsdrain-e2e.XXXXXX)
 snapshot_watched
-iptables_rules() { { iptables-save; ip6tables-save; } 2>/dev/null | grep -v '^[#:]' | sed 's/\[[0-9:]*\]//'; }
 iptables_rules > "$W/iptables.before"
 remember_new /run/containerd /var/lib/cni /var/lib/kubelet /var/log/containers /var/log/pods /run/netns /opt/cni
-mkdir -p "$W"/{etcd,pki,containerd,cni/net.d,cni/ipam,kubelet,logs,images,buildah}
+mkdir -p "$W"/{images,buildah}
+rm -rf "$CACHE/last-failure"
 
 # ------------------------------------------------------------------ images
 phase "images: pause, demo app, wsdrain from the project's Dockerfile"
@@ -186,19 +233,35 @@ echo "stand-in builder image golang:$GO_BUILDER_TAG from $(go version)"
 bah bud -q --pull=never --isolation chroot --signature-policy "$W/policy.json" \
   --build-arg VERSION=e2e -t localhost/wsdrain-e2e/wsdrain:e2e -f "$REPO/Dockerfile" "$REPO" >/dev/null
 echo "built localhost/wsdrain-e2e/wsdrain:e2e from Dockerfile"
+IMAGES=(pause:1 wsapp:1 wsapp-wrapped:1 wsdrain:e2e)
+for img in "${IMAGES[@]}"; do # archives, imported into each version's containerd
+  bah push -q --signature-policy "$W/policy.json" "localhost/wsdrain-e2e/$img" \
+    "docker-archive:$W/images/${img%%:*}.tar:localhost/wsdrain-e2e/$img" >/dev/null
+done
+rm -rf "$W/buildah"
 
-# ------------------------------------------------------------- containerd
-phase "containerd, CNI bridge $BRIDGE on $POD_CIDR"
-cat > "$W/containerd.toml" <<EOF
+# The bridge is made here, not by CNI, so that the kubelet can serve on its
+# address: reachable from this host and its pods only.
+if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+  ip link add "$BRIDGE" type bridge && touch "$W/bridge.ours"
+  ip addr add "$NODE_IP/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+fi
+
+# ------------------------------------------------------------- a cluster
+# start_containerd starts a fresh containerd for the cluster in $C and
+# imports the images.
+start_containerd() {
+  cat > "$C/containerd.toml" <<EOF
 version = 2
-root = "$W/containerd/root"
-state = "$W/containerd/state"
+root = "$C/containerd/root"
+state = "$C/containerd/state"
 [grpc]
-  address = "$W/containerd.sock"
+  address = "$C/containerd.sock"
 [ttrpc]
-  address = "$W/containerd.sock.ttrpc"
+  address = "$C/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
-  path = "$W/containerd/opt"
+  path = "$C/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "localhost/wsdrain-e2e/pause:1"
   # Root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj.
@@ -212,39 +275,36 @@ state = "$W/containerd/state"
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "$W/cni/net.d"
+    conf_dir = "$C/cni/net.d"
 EOF
-cat > "$W/cni/net.d/10-wsdrain.conflist" <<EOF
+  cat > "$C/cni/net.d/10-wsdrain.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "wsdrain-e2e", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "dataDir": "$W/cni/ipam"}}]}
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "dataDir": "$C/cni/ipam"}}]}
 EOF
-# The bridge is made here, not by CNI, so that the kubelet can serve on its
-# address: reachable from this host and its pods only.
-if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-  ip link add "$BRIDGE" type bridge && touch "$W/bridge.ours"
-  ip addr add "$NODE_IP/24" dev "$BRIDGE"
-  ip link set "$BRIDGE" up
-fi
-containerd --config "$W/containerd.toml" > "$W/logs/containerd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [ -S "$W/containerd.sock" ] && break; sleep 0.1; done
-CTR=(ctr --address "$W/containerd.sock" -n k8s.io)
-for img in pause:1 wsapp:1 wsapp-wrapped:1 wsdrain:e2e; do
-  bah push -q --signature-policy "$W/policy.json" "localhost/wsdrain-e2e/$img" \
-    "docker-archive:$W/images/img.tar:localhost/wsdrain-e2e/$img" >/dev/null
-  "${CTR[@]}" images import "$W/images/img.tar" >/dev/null
-  rm -f "$W/images/img.tar"
-done
-"${CTR[@]}" images ls -q | grep wsdrain-e2e
+  containerd --config "$C/containerd.toml" > "$C/logs/containerd.log" 2>&1 &
+  pids+=($!)
+  local i img
+  for i in $(seq 100); do
+    [ -S "$C/containerd.sock" ] && break
+    [ "$i" = 100 ] && { tail -20 "$C/logs/containerd.log"; die "containerd did not start"; }
+    sleep 0.1
+  done
+  for img in "${IMAGES[@]}"; do
+    ctr --address "$C/containerd.sock" -n k8s.io images import "$W/images/${img%%:*}.tar" >/dev/null
+  done
+  ctr --address "$C/containerd.sock" -n k8s.io images ls -q | grep wsdrain-e2e
+}
 
-# ------------------------------------------------------ control plane
-phase "etcd, kube-apiserver, kube-controller-manager, kube-scheduler"
-TOKEN=$(openssl rand -hex 16)
-echo "$TOKEN,admin,admin,system:masters" > "$W/pki/tokens.csv"
-openssl genrsa -out "$W/pki/sa.key" 2048 2>/dev/null
-openssl rsa -in "$W/pki/sa.key" -pubout -out "$W/pki/sa.pub" 2>/dev/null
-cat > "$W/kubeconfig" <<EOF
+# start_control_plane starts etcd, kube-apiserver, kube-controller-manager
+# and kube-scheduler of version $1, and writes $C/kubeconfig.
+start_control_plane() {
+  local bin=$CACHE/k8s-$1 i
+  TOKEN=$(openssl rand -hex 16)
+  echo "$TOKEN,admin,admin,system:masters" > "$C/pki/tokens.csv"
+  openssl genrsa -out "$C/pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$C/pki/sa.key" -pubout -out "$C/pki/sa.pub" 2>/dev/null
+  cat > "$C/kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
 clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:$API_PORT", insecure-skip-tls-verify: true}}]
@@ -252,49 +312,58 @@ users: [{name: admin, user: {token: "$TOKEN"}}]
 contexts: [{name: e2e, context: {cluster: e2e, user: admin, namespace: default}}]
 current-context: e2e
 EOF
-"$ETCD" --data-dir "$W/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls http://127.0.0.1:12380 \
-  > "$W/logs/etcd.log" 2>&1 &
-pids+=($!)
-"$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --cert-dir "$W/pki/apiserver" \
-  --token-auth-file "$W/pki/tokens.csv" --authorization-mode AlwaysAllow \
-  --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$W/pki/sa.pub" \
-  --service-account-signing-key-file "$W/pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
-  --disable-admission-plugins ServiceAccount --enable-priority-and-fairness=false \
-  --kubelet-preferred-address-types InternalIP \
-  > "$W/logs/kube-apiserver.log" 2>&1 &
-pids+=($!)
-for i in $(seq 120); do
-  "$KUBECTL" --kubeconfig "$W/kubeconfig" get --raw /readyz >/dev/null 2>&1 && break
-  [ "$i" = 120 ] && { tail -20 "$W/logs/kube-apiserver.log"; die "API server not ready"; }
-  sleep 0.5
-done
-"$BIN/kube-controller-manager" --kubeconfig "$W/kubeconfig" --leader-elect=false \
-  --service-account-private-key-file "$W/pki/sa.key" --use-service-account-credentials=false \
-  --controllers '*,-serviceaccount-token' --bind-address 127.0.0.1 --secure-port 0 \
-  > "$W/logs/kube-controller-manager.log" 2>&1 &
-pids+=($!)
-"$BIN/kube-scheduler" --kubeconfig "$W/kubeconfig" --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
-  > "$W/logs/kube-scheduler.log" 2>&1 &
-pids+=($!)
+  "$ETCD" --data-dir "$C/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls http://127.0.0.1:12380 \
+    > "$C/logs/etcd.log" 2>&1 &
+  pids+=($!)
+  # --endpoint-reconciler-type none: 1.37 refuses a loopback advertise
+  # address with the default reconciler; nothing here uses the kubernetes Service.
+  # --watch-cache=false: with Debian's etcd 3.4.23 the watch cache of 1.37
+  # falls behind etcd and answers watches "Too large resource version".
+  "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --cert-dir "$C/pki/apiserver" \
+    --token-auth-file "$C/pki/tokens.csv" --authorization-mode AlwaysAllow \
+    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$C/pki/sa.pub" \
+    --service-account-signing-key-file "$C/pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
+    --disable-admission-plugins ServiceAccount --enable-priority-and-fairness=false \
+    --kubelet-preferred-address-types InternalIP --endpoint-reconciler-type none --watch-cache=false \
+    > "$C/logs/kube-apiserver.log" 2>&1 &
+  pids+=($!)
+  for i in $(seq 120); do
+    "$KUBECTL" --kubeconfig "$C/kubeconfig" get --raw /readyz >/dev/null 2>&1 && break
+    [ "$i" = 120 ] && { tail -20 "$C/logs/kube-apiserver.log"; die "API server not ready after 60s"; }
+    sleep 0.5
+  done
+  "$bin/kube-controller-manager" --kubeconfig "$C/kubeconfig" --leader-elect=false \
+    --service-account-private-key-file "$C/pki/sa.key" --use-service-account-credentials=false \
+    --controllers '*,-serviceaccount-token' --bind-address 127.0.0.1 --secure-port 0 \
+    > "$C/logs/kube-controller-manager.log" 2>&1 &
+  pids+=($!)
+  "$bin/kube-scheduler" --kubeconfig "$C/kubeconfig" --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
+    > "$C/logs/kube-scheduler.log" 2>&1 &
+  pids+=($!)
+}
 
-phase "kubelet"
-cat > "$W/kubelet.yaml" <<EOF
+# start_kubelet starts the kubelet of version $1 and waits for the node.
+start_kubelet() {
+  local i
+  cat > "$C/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 cgroupDriver: cgroupfs
 cgroupsPerQOS: false
 enforceNodeAllocatable: []
 failSwapOn: false
-containerRuntimeEndpoint: unix://$W/containerd.sock
+# 1.35 and later refuse a cgroup v1 host unless told; then they only warn.
+failCgroupV1: false
+containerRuntimeEndpoint: unix://$C/containerd.sock
 authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
 authorization: {mode: AlwaysAllow}
 address: $NODE_IP
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-podLogsDir: $W/kubelet/pod-logs
-volumePluginDir: $W/kubelet/volume-plugins
+podLogsDir: $C/kubelet/pod-logs
+volumePluginDir: $C/kubelet/volume-plugins
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
@@ -303,30 +372,51 @@ serializeImagePulls: false
 # The host's firewall is not this test's to change.
 makeIPTablesUtilChains: false
 EOF
-# -v=3: the kubelet then logs each preStop hook it runs and completes.
-"$BIN/kubelet" --config "$W/kubelet.yaml" --kubeconfig "$W/kubeconfig" --root-dir "$W/kubelet/root" \
-  --cert-dir "$W/kubelet/pki" --hostname-override wsdrain-e2e --node-ip "$NODE_IP" --v=3 \
-  > "$W/logs/kubelet.log" 2>&1 &
-pids+=($!)
-for i in $(seq 240); do
-  "$KUBECTL" --kubeconfig "$W/kubeconfig" get node wsdrain-e2e -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True && break
-  [ "$i" = 240 ] && { grep -E '^E' "$W/logs/kubelet.log" | tail -20; die "node not Ready after 2 minutes"; }
-  sleep 0.5
-done
-"$KUBECTL" --kubeconfig "$W/kubeconfig" get node -o wide
+  # -v=3: the kubelet then logs each preStop hook it runs and completes.
+  "$CACHE/k8s-$1/kubelet" --config "$C/kubelet.yaml" --kubeconfig "$C/kubeconfig" --root-dir "$C/kubelet/root" \
+    --cert-dir "$C/kubelet/pki" --hostname-override wsdrain-e2e --node-ip "$NODE_IP" --v=3 \
+    > "$C/logs/kubelet.log" 2>&1 &
+  pids+=($!)
+  for i in $(seq 240); do
+    "$KUBECTL" --kubeconfig "$C/kubeconfig" get node wsdrain-e2e -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True && break
+    [ "$i" = 240 ] && { grep -E '^E' "$C/logs/kubelet.log" | tail -20; die "node not Ready after 2 minutes"; }
+    sleep 0.5
+  done
+  "$KUBECTL" --kubeconfig "$C/kubeconfig" get node -o wide
+}
 
-# ------------------------------------------------------------ scenarios
-phase "scenarios"
-set +e
-"$W/images/scenarios" -kubectl "$KUBECTL" -kubeconfig "$W/kubeconfig" -api "https://127.0.0.1:$API_PORT" \
-  -token "$TOKEN" -manifest "$REPO/k8s.yaml" -work "$W" -kubelet-log "$W/logs/kubelet.log" \
-  -wsdrain-image localhost/wsdrain-e2e/wsdrain:e2e -app-image localhost/wsdrain-e2e/wsapp:1 \
-  -wrapped-app-image localhost/wsdrain-e2e/wsapp-wrapped:1
-result=$?
-set -e
-if [ "$result" != 0 ]; then
-  mkdir -p "$CACHE/last-failure" && cp "$W"/logs/*.log "$CACHE/last-failure/"
-  echo "component logs kept in $CACHE/last-failure/"
-fi
+# run_scenarios runs every scenario on every manifest against the cluster of
+# version $1, adding its rows to the summary; returns 1 when a check failed.
+run_scenarios() {
+  local manifests=() m
+  for m in "${MANIFESTS[@]}"; do manifests+=("$REPO/$m"); done
+  "$W/images/scenarios" -kubectl "$KUBECTL" -kubeconfig "$C/kubeconfig" -api "https://127.0.0.1:$API_PORT" \
+    -token "$TOKEN" -manifest "$(IFS=,; echo "${manifests[*]}")" -work "$C" -kubelet-log "$C/logs/kubelet.log" \
+    -wsdrain-image localhost/wsdrain-e2e/wsdrain:e2e -app-image localhost/wsdrain-e2e/wsapp:1 \
+    -wrapped-app-image localhost/wsdrain-e2e/wsapp-wrapped:1 -label "$1" -results "$W/results.tsv" \
+    -run "${E2E_RUN:-.}"
+}
+
+# ------------------------------------------------------------ each version
+result=0
+for v in "${VERSIONS[@]}"; do
+  C=$W/$v
+  KUBECTL=$CACHE/k8s-$v/kubectl
+  mkdir -p "$C"/{etcd,pki,containerd,cni/net.d,cni/ipam,kubelet,logs}
+  phase "$v: containerd, CNI bridge $BRIDGE on $POD_CIDR"
+  start_containerd
+  phase "$v: etcd, kube-apiserver, kube-controller-manager, kube-scheduler"
+  start_control_plane "$v"
+  phase "$v: kubelet"
+  start_kubelet "$v"
+  phase "$v: scenarios"
+  if ! run_scenarios "$v"; then
+    result=1
+    mkdir -p "$CACHE/last-failure/$v" && cp "$C"/logs/*.log "$CACHE/last-failure/$v/"
+    echo "component logs of $v kept in $CACHE/last-failure/$v/"
+  fi
+  phase "$v: stopping the cluster"
+  stop_cluster || true # errors ignored, as at exit
+done
 phase "done"
 exit "$result"

@@ -1,39 +1,70 @@
-// Scenarios drives the shipped k8s.yaml on the real cluster that e2e/run.sh
+// Scenarios drives the shipped manifests on the real cluster that e2e/run.sh
 // has started, and prints a timeline and one PASS/FAIL line per check with
 // the figure it measured. It exits 1 when any check fails.
+//
+// Each run adds its checks as rows (label, manifest, scenario, check, verdict,
+// figure) to the -results file; "scenarios -summary FILE" prints them as one
+// table, a column per label (Kubernetes version) and manifest.
 package main
 
 import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 )
 
 type config struct {
 	kubectl, kubeconfig, apiURL, token string
-	manifest, workDir, kubeletLog      string
+	manifests                          []string
+	workDir, kubeletLog                string
 	wsdrainImage, appImage, wrapped    string
+	label, resultsFile                 string
+	only                               *regexp.Regexp
 }
 
 func main() {
 	var c config
+	var manifests, only, summary string
 	flag.StringVar(&c.kubectl, "kubectl", "kubectl", "kubectl binary")
 	flag.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig of the e2e cluster")
 	flag.StringVar(&c.apiURL, "api", "https://127.0.0.1:16443", "API server URL, for watches")
 	flag.StringVar(&c.token, "token", "", "bearer token for the API server")
-	flag.StringVar(&c.manifest, "manifest", "k8s.yaml", "the shipped manifest")
+	flag.StringVar(&manifests, "manifest", "k8s.yaml", "the shipped manifests, comma-separated; every scenario runs on each")
 	flag.StringVar(&c.workDir, "work", os.TempDir(), "where to write rendered manifests")
 	flag.StringVar(&c.kubeletLog, "kubelet-log", "", "the kubelet's log file (run with -v=3)")
 	flag.StringVar(&c.wsdrainImage, "wsdrain-image", "", "wsdrain image, built from the Dockerfile")
 	flag.StringVar(&c.appImage, "app-image", "", "demo WebSocket app image")
 	flag.StringVar(&c.wrapped, "wrapped-app-image", "", "demo app started through a shell wrapper")
+	flag.StringVar(&c.label, "label", "", "what this run is, for the summary: the Kubernetes version")
+	flag.StringVar(&c.resultsFile, "results", "", "append one row per check to this file")
+	flag.StringVar(&only, "run", ".", "run only the scenarios whose name matches this regexp")
+	flag.StringVar(&summary, "summary", "", "print the rows of this results file as a table, and exit")
 	flag.Parse()
 
+	if summary != "" {
+		if err := printSummary(summary, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "summary: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
+	var err error
+	if c.only, err = regexp.Compile(only); err != nil {
+		fmt.Fprintf(os.Stderr, "-run: %v\n", err)
+		os.Exit(2)
+	}
+	c.manifests = strings.Split(manifests, ",")
 	r := newRun(c)
-	err := r.all()
+	err = r.all()
 	r.summary()
+	if werr := r.writeResults(); werr != nil {
+		fmt.Printf("FAIL: results: %v\n", werr)
+		os.Exit(1)
+	}
 	if err != nil {
 		fmt.Printf("FAIL: %v\n", err)
 		os.Exit(1)
@@ -46,9 +77,12 @@ func main() {
 // run holds what the scenarios share: the cluster, the timeline and results.
 type run struct {
 	config
+	manifest       string // the manifest the scenarios run on now
+	scenario       string // the scenario running now, for the summary rows
 	start          time.Time
 	w              *watcher
 	passed, failed int
+	rows           []row
 	preStops       []preStopCheck
 }
 
@@ -59,7 +93,8 @@ func (r *run) logf(format string, args ...any) {
 	fmt.Printf("[%8.3fs] %s\n", time.Since(r.start).Seconds(), fmt.Sprintf(format, args...))
 }
 
-// check prints a PASS or FAIL line with the measured figure.
+// check prints a PASS or FAIL line with the measured figure, and keeps it
+// for the summary table: keep the figure short.
 func (r *run) check(name string, ok bool, figure string, args ...any) {
 	verdict := "PASS"
 	if ok {
@@ -68,12 +103,31 @@ func (r *run) check(name string, ok bool, figure string, args ...any) {
 		verdict = "FAIL"
 		r.failed++
 	}
-	fmt.Printf("%s  %s: %s\n", verdict, name, fmt.Sprintf(figure, args...))
+	fig := fmt.Sprintf(figure, args...)
+	fmt.Printf("%s  %s: %s\n", verdict, name, fig)
+	r.rows = append(r.rows, row{r.label, filepath.Base(r.manifest), r.scenario, name, verdict, fig})
 }
 
 func (r *run) summary() {
-	fmt.Printf("\n%d passed, %d failed\n", r.passed, r.failed)
+	fmt.Printf("\n%s: %d passed, %d failed\n", r.label, r.passed, r.failed)
 	fmt.Printf("total wall time of the scenarios: %s\n", time.Since(r.start).Round(time.Millisecond))
+}
+
+// scenario is one entry of the table below; fn returns an error when the
+// scenario could not go on (its checks so far stay recorded).
+type scenario struct {
+	name string
+	fn   func(*run) error
+}
+
+// scenarios run in this order on each manifest, once it is deployed as
+// shipped. Add a new one here; "hooks" reads the pods the others ended.
+var scenarios = []scenario{
+	{"1. rolling update under a call", (*run).rollingUpdate},
+	{"2. idle pod, health on the call port", (*run).idlePod},
+	{"3. app behind a shell wrapper", (*run).wrapper},
+	{"4. call longer than the drain timeout", (*run).timeout},
+	{"5. preStop hooks", (*run).hooks},
 }
 
 func (r *run) all() error {
@@ -88,85 +142,33 @@ func (r *run) all() error {
 		return err
 	}
 	r.logf("namespace default enforces the restricted Pod Security profile")
+	for _, m := range r.manifests {
+		if err := r.onManifest(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// onManifest deploys one manifest as shipped, runs every scenario on it and
+// deletes what it deployed.
+func (r *run) onManifest(manifest string) error {
+	r.manifest, r.preStops = manifest, nil
+	r.scenario = "0. deploy"
+	fmt.Printf("\n== %s %s: deploy as shipped\n", r.label, filepath.Base(manifest))
 	if err := r.deploy("shipped manifest", r.appImage, false); err != nil {
+		r.check("deployed as shipped", false, "%v", err)
 		return err
 	}
-	steps := []struct {
-		name string
-		fn   func() error
-	}{
-		{"1. rolling update under a call", r.rollingUpdate},
-		{"3+4. idle pod, health on the call port", r.idlePod},
-		{"5. wrapper process", r.wrapper},
-		{"2. call longer than the drain timeout", r.timeout},
-	}
-	for _, s := range steps {
-		fmt.Printf("\n== scenario %s\n", s.name)
-		if err := s.fn(); err != nil {
-			r.check("scenario "+s.name, false, "%v", err)
+	for _, s := range scenarios {
+		if !r.only.MatchString(s.name) {
+			continue
+		}
+		r.scenario = s.name
+		fmt.Printf("\n== %s %s: scenario %s\n", r.label, filepath.Base(manifest), s.name)
+		if err := s.fn(r); err != nil {
+			r.check("ran to its end", false, "%v", err)
 		}
 	}
-	fmt.Printf("\n== scenario 6. no lingering hooks\n")
-	r.checkPreStops()
-	return nil
-}
-
-// deploy applies k8s.yaml with only image names, pull policy and (for the
-// timeout scenario) a shorter grace period changed, each change printed.
-func (r *run) deploy(why, appImage string, shortGrace bool) error {
-	b, err := os.ReadFile(r.manifest)
-	if err != nil {
-		return err
-	}
-	text := string(b)
-	edits := [][2]string{
-		{"image: registry.example.com/voicebot:1.0", "image: " + appImage},
-		{"image: wsdrain:dev", "image: " + r.wsdrainImage},
-	}
-	if shortGrace {
-		edits = append(edits,
-			[2]string{"terminationGracePeriodSeconds: 600", "terminationGracePeriodSeconds: 40"},
-			[2]string{"--timeout=570s", "--timeout=25s"})
-	}
-	r.logf("apply k8s.yaml (%s) with these changes:", why)
-	for _, e := range edits {
-		if !strings.Contains(text, e[0]) {
-			return fmt.Errorf("k8s.yaml no longer contains %q", e[0])
-		}
-		text = strings.Replace(text, e[0], e[1], 1)
-		fmt.Printf("             - %q -> %q\n", e[0], e[1])
-	}
-	text, n := addPullPolicyNever(text)
-	fmt.Printf("             - imagePullPolicy: Never on %d containers (no registry here)\n", n)
-	path := r.workDir + "/k8s.rendered.yaml"
-	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
-		return err
-	}
-	if _, err := r.kubectl("apply", "--validate=strict", "-f", path); err != nil {
-		return err
-	}
-	if _, err := r.kubectl("rollout", "status", "deployment/voicebot", "--timeout=240s"); err != nil {
-		return err
-	}
-	r.logf("deployment rolled out")
-	if strings.Contains(why, "shipped") {
-		r.check("k8s.yaml admitted under the restricted Pod Security profile", len(r.w.readyPods()) == 2, "%d pods ready", len(r.w.readyPods()))
-	}
-	return nil
-}
-
-// addPullPolicyNever adds imagePullPolicy: Never under every image line.
-func addPullPolicyNever(text string) (string, int) {
-	lines := strings.Split(text, "\n")
-	var out []string
-	n := 0
-	for _, l := range lines {
-		out = append(out, l)
-		if trimmed := strings.TrimLeft(l, " "); strings.HasPrefix(trimmed, "image: ") {
-			indent := l[:len(l)-len(trimmed)]
-			out = append(out, indent+"imagePullPolicy: Never")
-			n++
-		}
-	}
-	return strings.Join(out, "\n"), n
+	return r.undeploy()
 }

@@ -42,7 +42,7 @@ func (r *run) rollingUpdate() error {
 		return err
 	}
 	d := notServing.at.Sub(deleting.at)
-	r.check("old pod unready (EndpointSlice serving=false) within 3s of its deletion", d <= 3*time.Second, "%s", ms(d))
+	r.check("old pod unready (EndpointSlice serving=false) ≤3s after its deletion", d <= 3*time.Second, "%s", ms(d))
 
 	end := deleting.at.Add(10 * time.Second)
 	time.Sleep(time.Until(end))
@@ -54,14 +54,13 @@ func (r *run) rollingUpdate() error {
 		return err
 	}
 	d = gone.at.Sub(ended)
-	r.check("old pod gone within 3s of the call's end (aim: under 2s)", d <= 3*time.Second, "%s", ms(d))
-	r.check("no echo lost during the rolling update", stats.err == nil && stats.sent == stats.echoed && stats.sent > 50,
-		"%d sent, %d echoed, error %v", stats.sent, stats.echoed, stats.err)
+	r.check("old pod gone ≤3s after the call's end (aim: under 2s)", d <= 3*time.Second, "%s", ms(d))
+	r.check("no echo lost", stats.err == nil && stats.sent == stats.echoed && stats.sent > 50, "%s", stats)
 	if _, err := r.kubectl("rollout", "status", "deployment/voicebot", "--timeout=240s"); err != nil {
 		return err
 	}
 	r.check("new pods ready after the rollout", len(r.w.readyPods()) == 2, "%d ready", len(r.w.readyPods()))
-	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: logs.wait()})
+	r.preStops = append(r.preStops, preStopCheck{r.scenario, pod, logs.wait()})
 	return nil
 }
 
@@ -85,12 +84,13 @@ func (r *run) idlePod() error {
 		return err
 	}
 	d := gone.at.Sub(deleted)
-	r.check("idle pod gone within --min-drain (5s) + 3s of the delete", d <= 8*time.Second, "%s", ms(d))
+	r.check("idle pod gone ≤ --min-drain (5s) + 3s after the delete", d <= 8*time.Second, "%s", ms(d))
 	out := logs.wait()
-	r.check("health checks on the call port are not counted (drain reached zero)",
+	r.logf("stopper: %s", firstLine(out, "no connections left"))
+	r.check("health checks on the call port not counted (drain reached zero)",
 		strings.Contains(out, `msg="no connections left"`) && !strings.Contains(out, "count=1"),
-		"stopper log: %s", firstLine(out, "no connections left"))
-	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+		"%s", field(firstLine(out, "no connections left"), "elapsed"))
+	r.preStops = append(r.preStops, preStopCheck{r.scenario, pod, out})
 	return r.waitReady(2)
 }
 
@@ -114,11 +114,12 @@ func (r *run) wrapper() error {
 	}
 	d := gone.at.Sub(ended)
 	out := p.logs.wait()
-	r.check("wrapped app: pod gone within 3s of the call's end", d <= 3*time.Second, "%s", ms(d))
-	r.check("wrapped app: the server process, not the shell, got SIGTERM",
-		strings.Contains(out, "process=wsapp signal=SIGTERM"), "%s", firstLine(out, "signalled app"))
-	r.check("wrapped app: no echo lost", stats.err == nil && stats.sent == stats.echoed, "%d sent, %d echoed, error %v", stats.sent, stats.echoed, stats.err)
-	r.preStops = append(r.preStops, preStopCheck{pod: p.name, logs: out})
+	r.check("pod gone ≤3s after the call's end", d <= 3*time.Second, "%s", ms(d))
+	r.logf("stopper: %s", firstLine(out, "signalled app"))
+	r.check("the server process, not the shell, got SIGTERM",
+		strings.Contains(out, "process=wsapp signal=SIGTERM"), "%s", field(firstLine(out, "signalled app"), "process"))
+	r.check("no echo lost", stats.err == nil && stats.sent == stats.echoed, "%s", stats)
+	r.preStops = append(r.preStops, preStopCheck{r.scenario, p.name, out})
 	return nil
 }
 
@@ -174,16 +175,19 @@ func (r *run) timeout() error {
 		return err
 	}
 	out := logs.wait()
-	r.check("timeout: app exited by SIGTERM, not SIGKILL, before the 40s grace",
+	r.logf("app %s", exited.detail)
+	r.check("app exited by SIGTERM (exit 0, not 137) before the 40s grace",
 		strings.Contains(exited.detail, "exitCode=0") && exited.at.Sub(deleted) < 40*time.Second,
-		"app %s at %s", exited.detail, ms(exited.at.Sub(deleted)))
-	r.check("timeout: kubectl logs -c wsdrain tells it",
+		"%s, %s", field(exited.detail, "exitCode"), ms(exited.at.Sub(deleted)))
+	r.logf("stopper: %s", firstLine(out, "drain timeout"))
+	r.check("kubectl logs -c wsdrain tells it",
 		strings.Contains(out, "drain timeout") && strings.Contains(out, "connections=1") && strings.Contains(out, "signal=SIGTERM"),
-		"%s", firstLine(out, "drain timeout"))
-	r.check("timeout: the call was closed by the app (going away), not reset",
-		websocket.IsCloseError(stats.err, websocket.CloseGoingAway), "%v after %d echoes", stats.err, stats.echoed)
-	r.check("timeout: pod gone before the grace period ends", gone.at.Sub(deleted) < 40*time.Second, "%s", ms(gone.at.Sub(deleted)))
-	r.preStops = append(r.preStops, preStopCheck{pod: pod, logs: out})
+		"%s", field(firstLine(out, "drain timeout"), "connections"))
+	r.logf("call: %s", stats)
+	r.check("the call was closed by the app (going away), not reset",
+		websocket.IsCloseError(stats.err, websocket.CloseGoingAway), "close %s", closeCode(stats.err))
+	r.check("pod gone before the grace period ends", gone.at.Sub(deleted) < 40*time.Second, "%s", ms(gone.at.Sub(deleted)))
+	r.preStops = append(r.preStops, preStopCheck{r.scenario, pod, out})
 	return nil
 }
 
@@ -221,45 +225,63 @@ func (r *run) pickPod() (string, string, error) {
 	return names[0], pods[names[0]], nil
 }
 
-// preStopCheck pairs a terminated pod with its wsdrain log.
+// preStopCheck pairs a pod a scenario ended with its wsdrain log.
 type preStopCheck struct {
-	pod, logs string
+	scenario, pod, logs string
 }
 
 var (
-	kubeletHook = regexp.MustCompile(`^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6}).*"PreStop hook completed".*pod="default/([^"]+)".*containerName="([^"]+)"`)
+	kubeletHook = regexp.MustCompile(`^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6}).*"(Running preStop hook|PreStop hook completed)".*pod="default/([^"]+)".*containerName="([^"]+)"`)
 	appExited   = regexp.MustCompile(`time=(\S+) level=INFO msg="(app exited|signalled app)"`)
 )
 
-// checkPreStops compares, per pod, when the kubelet says the app's preStop
-// completed with when the stopper signalled the app.
-func (r *run) checkPreStops() {
-	hooks := r.kubeletHookLines()
+// hooks reads, for every pod the other scenarios ended, the kubelet's hook
+// lines: both preStop hooks start together at the start of termination (so
+// the sidecar drains, native or not), and the app's hook completes when the
+// stopper signals the app, not later.
+func (r *run) hooks() error {
+	hooks := r.kubeletHooks()
 	for _, pc := range r.preStops {
+		of := " (pod of " + strings.SplitN(pc.scenario, " ", 2)[0] + ")"
+		fmt.Printf("  %s%s:\n", pc.pod, of)
+		for _, line := range hooks.lines[pc.pod] {
+			fmt.Println("  kubelet:", line)
+		}
+		appStart, ok1 := hooks.at[pc.pod+"/app/Running preStop hook"]
+		sideStart, ok2 := hooks.at[pc.pod+"/wsdrain/Running preStop hook"]
+		gap := sideStart.Sub(appStart).Abs()
+		if !ok1 || !ok2 {
+			r.check("both preStop hooks started within 1s"+of, false, "kubelet line found: app %v, wsdrain %v", ok1, ok2)
+		} else {
+			r.check("both preStop hooks started within 1s"+of, gap < time.Second, "%s apart", gap.Round(10*time.Microsecond))
+		}
+
 		var signalled time.Time
 		for _, m := range appExited.FindAllStringSubmatch(pc.logs, -1) {
 			if m[2] == "signalled app" {
 				signalled, _ = time.Parse(time.RFC3339Nano, m[1])
 			}
 		}
-		completed, ok := hooks[pc.pod+"/app"]
-		for _, line := range hooks[pc.pod+"/lines"] {
-			fmt.Println("  kubelet:", line)
-		}
+		completed, ok := hooks.at[pc.pod+"/app/PreStop hook completed"]
 		if !ok || signalled.IsZero() {
-			r.check("app preStop completed promptly, "+pc.pod, false, "kubelet hook line found %v, stopper signal found %v", ok, !signalled.IsZero())
+			r.check("app preStop completed ≤2s after the app's signal"+of, false,
+				"kubelet line found %v, stopper signal found %v", ok, !signalled.IsZero())
 			continue
 		}
-		at, _ := time.ParseInLocation("2006 0102 15:04:05.000000", fmt.Sprintf("%d %s", time.Now().Year(), completed[0]), time.Local)
-		d := at.Sub(signalled)
-		r.check("app preStop completed within 2s of the app's signal, "+pc.pod, d > -2*time.Second && d < 2*time.Second, "%s after", ms(d))
+		d := completed.Sub(signalled)
+		r.check("app preStop completed ≤2s after the app's signal"+of, d > -2*time.Second && d < 2*time.Second, "%s after", ms(d))
 	}
+	return nil
 }
 
-// kubeletHookLines maps "pod/container" to the completion time and
-// "pod/lines" to the kubelet's hook lines.
-func (r *run) kubeletHookLines() map[string][]string {
-	out := map[string][]string{}
+// kubeletHookLog is what the kubelet logged about preStop hooks.
+type kubeletHookLog struct {
+	at    map[string]time.Time // "pod/container/message": the last such line
+	lines map[string][]string  // per pod, every hook line
+}
+
+func (r *run) kubeletHooks() kubeletHookLog {
+	out := kubeletHookLog{at: map[string]time.Time{}, lines: map[string][]string{}}
 	f, err := os.Open(r.kubeletLog)
 	if err != nil {
 		return out
@@ -274,11 +296,13 @@ func (r *run) kubeletHookLines() map[string][]string {
 		}
 		for _, pc := range r.preStops {
 			if strings.Contains(line, pc.pod) {
-				out[pc.pod+"/lines"] = append(out[pc.pod+"/lines"], shorten(line))
+				out.lines[pc.pod] = append(out.lines[pc.pod], shorten(line))
 			}
 		}
 		if m := kubeletHook.FindStringSubmatch(line); m != nil {
-			out[m[2]+"/"+m[3]] = []string{m[1]}
+			// klog's header has no year; the kubelet logs in the local zone.
+			at, _ := time.ParseInLocation("2006 0102 15:04:05.000000", fmt.Sprintf("%d %s", time.Now().Year(), m[1]), time.Local)
+			out.at[m[3]+"/"+m[4]+"/"+m[2]] = at
 		}
 	}
 	return out
@@ -401,6 +425,31 @@ func (c *call) wait() callStats {
 }
 
 func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+func (s callStats) String() string {
+	if s.err != nil {
+		return fmt.Sprintf("%d/%d echoed, then %v", s.echoed, s.sent, s.err)
+	}
+	return fmt.Sprintf("%d/%d echoed", s.echoed, s.sent)
+}
+
+// field returns "key=value" from a logfmt line, or "(no key)".
+func field(line, key string) string {
+	for _, f := range strings.Fields(line) {
+		if strings.HasPrefix(f, key+"=") {
+			return f
+		}
+	}
+	return "(no " + key + ")"
+}
+
+// closeCode returns the WebSocket close code of err, or err itself.
+func closeCode(err error) string {
+	if ce, ok := err.(*websocket.CloseError); ok {
+		return fmt.Sprint(ce.Code)
+	}
+	return fmt.Sprint(err)
+}
 
 func firstLine(text, containing string) string {
 	for _, l := range strings.Split(text, "\n") {

@@ -59,6 +59,11 @@ func startWatcher(api, token string, logf func(string, ...any)) (*watcher, error
 					Object json.RawMessage `json:"object"`
 				}
 				if err := dec.Decode(&ev); err != nil {
+					logf("WATCH ENDED %s: %v", path, err)
+					return
+				}
+				if ev.Type == "ERROR" { // a Status: the stream ends here
+					logf("WATCH FAILED %s: %s", path, ev.Object)
 					return
 				}
 				handle(ev.Object, ev.Type)
@@ -78,16 +83,19 @@ type podObject struct {
 		Conditions []struct {
 			Type, Status string
 		} `json:"conditions"`
-		ContainerStatuses []struct {
-			Name  string `json:"name"`
-			State struct {
-				Terminated *struct {
-					ExitCode int    `json:"exitCode"`
-					Reason   string `json:"reason"`
-				} `json:"terminated"`
-			} `json:"state"`
-		} `json:"containerStatuses"`
+		ContainerStatuses     []containerStatus `json:"containerStatuses"`
+		InitContainerStatuses []containerStatus `json:"initContainerStatuses"` // native sidecars
 	} `json:"status"`
+}
+
+type containerStatus struct {
+	Name  string `json:"name"`
+	State struct {
+		Terminated *struct {
+			ExitCode int    `json:"exitCode"`
+			Reason   string `json:"reason"`
+		} `json:"terminated"`
+	} `json:"state"`
 }
 
 func (w *watcher) pod(raw []byte, typ string) {
@@ -126,7 +134,7 @@ func (w *watcher) pod(raw []byte, typ string) {
 		s.deleting = true
 		w.add(event{now, "deleting", name, ""})
 	}
-	for _, cs := range p.Status.ContainerStatuses {
+	for _, cs := range append(p.Status.ContainerStatuses, p.Status.InitContainerStatuses...) {
 		if t := cs.State.Terminated; t != nil && !s.exited[cs.Name] {
 			s.exited[cs.Name] = true
 			w.add(event{now, "exited", name, fmt.Sprintf("container=%s exitCode=%d reason=%s", cs.Name, t.ExitCode, t.Reason)})
@@ -196,6 +204,24 @@ func (w *watcher) waitEvent(kind, pod string, since time.Time, timeout time.Dura
 		case <-changed:
 		case <-deadline:
 			return event{}, fmt.Errorf("no %q event for %s within %v", kind, pod, timeout)
+		}
+	}
+}
+
+// waitNoPods waits until no pod of the app is left.
+func (w *watcher) waitNoPods(timeout time.Duration) error {
+	deadline := time.After(timeout)
+	for {
+		w.mu.Lock()
+		n, changed := len(w.pods), w.changed
+		w.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			return fmt.Errorf("%d pods still there after %v", n, timeout)
 		}
 	}
 }

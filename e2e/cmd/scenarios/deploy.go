@@ -1,0 +1,87 @@
+package main
+
+// deploy.go applies a shipped manifest with as few changes as the test
+// cluster needs, each printed, and removes it again.
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// deploy applies r.manifest with only image names, pull policy and (for the
+// timeout scenario) a shorter grace period changed, each change printed.
+func (r *run) deploy(why, appImage string, shortGrace bool) error {
+	b, err := os.ReadFile(r.manifest)
+	if err != nil {
+		return err
+	}
+	text := string(b)
+	edits := [][2]string{
+		{"image: registry.example.com/voicebot:1.0", "image: " + appImage},
+		{"image: wsdrain:dev", "image: " + r.wsdrainImage},
+	}
+	if shortGrace {
+		edits = append(edits,
+			[2]string{"terminationGracePeriodSeconds: 600", "terminationGracePeriodSeconds: 40"},
+			[2]string{"--timeout=570s", "--timeout=25s"})
+	}
+	name := filepath.Base(r.manifest)
+	r.logf("apply %s (%s) with these changes:", name, why)
+	for _, e := range edits {
+		if !strings.Contains(text, e[0]) {
+			return fmt.Errorf("%s no longer contains %q", name, e[0])
+		}
+		text = strings.Replace(text, e[0], e[1], 1)
+		fmt.Printf("             - %q -> %q\n", e[0], e[1])
+	}
+	text, n := addPullPolicyNever(text)
+	fmt.Printf("             - imagePullPolicy: Never on %d containers (no registry here)\n", n)
+	if err := os.WriteFile(r.rendered(), []byte(text), 0o644); err != nil {
+		return err
+	}
+	if _, err := r.kubectl("apply", "--validate=strict", "-f", r.rendered()); err != nil {
+		return err
+	}
+	if _, err := r.kubectl("rollout", "status", "deployment/voicebot", "--timeout=240s"); err != nil {
+		return err
+	}
+	r.logf("deployment rolled out")
+	if strings.Contains(why, "shipped") {
+		r.check("admitted under the restricted Pod Security profile", len(r.w.readyPods()) == 2, "%d pods ready", len(r.w.readyPods()))
+	}
+	return nil
+}
+
+// rendered is where the manifest as applied is written.
+func (r *run) rendered() string {
+	return filepath.Join(r.workDir, strings.TrimSuffix(filepath.Base(r.manifest), ".yaml")+".rendered.yaml")
+}
+
+// undeploy deletes what the manifest created and waits until its pods are
+// gone, so that the next manifest starts on an empty namespace.
+func (r *run) undeploy() error {
+	r.logf("delete everything %s created", filepath.Base(r.manifest))
+	if _, err := r.kubectl("delete", "--wait=true", "--timeout=120s", "-f", r.rendered()); err != nil {
+		return err
+	}
+	return r.w.waitNoPods(2 * time.Minute)
+}
+
+// addPullPolicyNever adds imagePullPolicy: Never under every image line.
+func addPullPolicyNever(text string) (string, int) {
+	lines := strings.Split(text, "\n")
+	var out []string
+	n := 0
+	for _, l := range lines {
+		out = append(out, l)
+		if trimmed := strings.TrimLeft(l, " "); strings.HasPrefix(trimmed, "image: ") {
+			indent := l[:len(l)-len(trimmed)]
+			out = append(out, indent+"imagePullPolicy: Never")
+			n++
+		}
+	}
+	return strings.Join(out, "\n"), n
+}
