@@ -3,13 +3,16 @@
 // proxy to drain, and tells the proxy's log what it is doing.
 //
 // The protocol is one message per line, each written in a single write(2)
-// of at most PIPE_BUF bytes so that it arrives whole:
+// of at most PIPE_BUF bytes so that it arrives whole, and framed by a newline
+// on both sides: the leading one ends whatever part of a line another writer
+// left in the pipe, which could otherwise swallow the message. Empty lines
+// mean nothing.
 //
 //	drain          start draining: readiness answers 503 from now on
 //	done           the app was signalled; release the app's preStop (GET /drain)
 //	log <line>     a log line of the stopper's, copied to the proxy's stdout
 //
-// Anything else is logged as ignored.
+// Anything else is logged as ignored, at most once a second.
 
 package main
 
@@ -21,7 +24,9 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 	"unicode"
 	"unicode/utf8"
 )
@@ -42,20 +47,41 @@ func ensureFIFO(path string) error {
 	if err != nil {
 		return fmt.Errorf("fifo: %w", err)
 	}
+	return checkOwnFIFO(path, fi)
+}
+
+// checkOwnFIFO refuses anything but a named pipe of our own that no other
+// user may write: whoever can write it can drain the pod.
+func checkOwnFIFO(path string, fi os.FileInfo) error {
+	const hint = "point -fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"
 	if fi.Mode()&os.ModeNamedPipe == 0 {
-		return hintError{fmt.Errorf("fifo %s exists and is not a named pipe", path),
-			"point -fifo at a path on the sidecar's emptyDir, or remove what is there"}
+		return hintError{fmt.Errorf("fifo %s exists and is not a named pipe", path), hint}
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return hintError{fmt.Errorf("fifo %s is owned by uid %d, not by this process's uid %d", path, st.Uid, os.Geteuid()), hint}
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return hintError{fmt.Errorf("fifo %s is writable by group or others (mode %04o)", path, fi.Mode().Perm()), hint}
 	}
 	return nil
 }
 
 // openFIFOReader opens the pipe read-write. Opened read-only, open(2) would
 // block until a writer appears and every writer's close would give EOF; as
-// its own writer the proxy never blocks and never sees EOF.
+// its own writer the proxy never blocks and never sees EOF. It does not
+// follow a symlink, and checks again what it opened.
 func openFIFOReader(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open fifo: %w", err)
+	}
+	fi, err := f.Stat()
+	if err == nil {
+		err = checkOwnFIFO(path, fi)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
 	}
 	return f, nil
 }
@@ -83,7 +109,7 @@ func readFIFO(r io.Reader, ev fifoEvents) error {
 			}
 		case err != nil:
 			return err
-		default:
+		case len(line) > 1:
 			dispatchMessage(bytes.TrimSuffix(line, []byte("\n")), ev)
 		}
 	}
@@ -135,16 +161,16 @@ type fifoWriter struct {
 
 func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path, fd: -1} }
 
-// send writes msg and a newline in one write. It reopens the pipe when
-// needed, so a proxy that starts late still gets later messages.
+// send writes msg between two newlines in one write. It reopens the pipe
+// when needed, so a proxy that starts late still gets later messages.
 func (w *fifoWriter) send(msg string) error {
-	if len(msg) >= maxMessage {
-		msg = strings.ToValidUTF8(msg[:maxMessage-1], "")
+	if len(msg) > maxMessage-2 {
+		msg = strings.ToValidUTF8(msg[:maxMessage-2], "")
 	}
 	if err := w.open(); err != nil {
 		return err
 	}
-	_, err := syscall.Write(w.fd, []byte(msg+"\n"))
+	_, err := syscall.Write(w.fd, []byte("\n"+msg+"\n"))
 	if err == syscall.EPIPE {
 		w.close()
 	}
@@ -166,15 +192,18 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 }
 
 // open opens the pipe write-only and non-blocking: that fails at once with
-// ENXIO when no proxy has it open, instead of waiting for one.
+// ENXIO when no proxy has it open, instead of waiting for one. It does not
+// follow a symlink, which could lead the writes to another pipe.
 func (w *fifoWriter) open() error {
 	if w.fd >= 0 {
 		return nil
 	}
-	fd, err := syscall.Open(w.path, syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	fd, err := syscall.Open(w.path, syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
 	switch {
 	case err == syscall.ENXIO:
 		return fmt.Errorf("fifo %s has no reader: is the proxy running?", w.path)
+	case err == syscall.ELOOP:
+		return fmt.Errorf("fifo %s is a symbolic link: refused", w.path)
 	case err != nil:
 		return fmt.Errorf("open fifo: %w", &os.PathError{Op: "open", Path: w.path, Err: err})
 	}
@@ -192,4 +221,42 @@ func (w *fifoWriter) close() {
 		syscall.Close(w.fd)
 		w.fd = -1
 	}
+}
+
+// quietWarnings logs a warning at most once a second; those that come
+// sooner are counted, and the count logged when the second is over, so a
+// writer flooding the pipe cannot flood the log.
+type quietWarnings struct {
+	warn       func(msg string, args ...any)
+	mu         sync.Mutex
+	quiet      bool // a warning was logged less than a second ago
+	suppressed int
+}
+
+func (q *quietWarnings) ignored(why string, preview []byte) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.quiet {
+		q.suppressed++
+		return
+	}
+	q.warn("fifo: ignored message", "why", why, "start", string(preview))
+	q.keepQuiet()
+}
+
+func (q *quietWarnings) keepQuiet() {
+	q.quiet = true
+	time.AfterFunc(time.Second, q.endQuiet)
+}
+
+func (q *quietWarnings) endQuiet() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.suppressed == 0 {
+		q.quiet = false
+		return
+	}
+	q.warn("fifo: ignored more messages", "count", q.suppressed)
+	q.suppressed = 0
+	q.keepQuiet()
 }

@@ -46,8 +46,10 @@ flags:
   -listen ADDR            address to serve probes on (default :8081)
   -health-url URL         the app's health endpoint; the only URL ever asked
                           (default http://127.0.0.1:8080/healthz)
-  -fifo PATH              drain pipe, created if missing; put it on an emptyDir
-                          mounted in the sidecar only (default /run/wsdrain/drain.fifo)
+  -fifo PATH              drain pipe, created (mode 0600) if missing; an existing
+                          one must be this user's, writable by no one else; put
+                          it on an emptyDir mounted in the sidecar only
+                          (default /run/wsdrain/drain.fifo)
   -health-timeout D       how long to wait for the app's answer; below the
                           kubelet's 1s probe timeout so the verdict is ours (default 800ms)
   -drain-start-wait D     how long GET /drain waits for a drain to begin before
@@ -378,8 +380,14 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 	}
 }
 
+// pipeLinePrefix marks a line copied from the drain pipe in the proxy's
+// log, where the proxy's own lines begin with "time=": anyone who can write
+// the pipe can write such a line, not only the stopper.
+const pipeLinePrefix = "pipe: "
+
 // fifoEvents wires the drain pipe to the proxy's state and log.
 func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
+	warnings := &quietWarnings{warn: p.log.Warn}
 	return fifoEvents{
 		drain: func() {
 			p.drainOnce.Do(func() {
@@ -393,10 +401,8 @@ func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
 				p.log.Info("stopper is done with the app")
 			})
 		},
-		stopperLog: func(line []byte) { out.Write(append(line, '\n')) },
-		ignored: func(why string, preview []byte) {
-			p.log.Warn("fifo: ignored message", "why", why, "start", string(preview))
-		},
+		stopperLog: func(line []byte) { fmt.Fprintf(out, "%s%s\n", pipeLinePrefix, line) },
+		ignored:    warnings.ignored,
 	}
 }
 
