@@ -67,8 +67,8 @@ wsdrain_build_info. It never asks the app; scrapes share one count a second.
   -ignore-idle D          connections with no data either way for D are not calls
 `
 
-// maxConns bounds the proxy's connections, and with them its memory (about
-// 20 KB each), far below the sidecar's limit. The kubelet needs a few: a
+// maxConns bounds the proxy's connections, and with them its memory (up to
+// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The kubelet needs a few: a
 // probe at a time and a GET /drain per hook run. The rest wait in the
 // kernel's accept queue, where they cost the proxy nothing.
 const maxConns = 256

@@ -282,8 +282,9 @@ func getDrain(url string) <-chan string {
 func TestDrainPathWaitsForTheStopper(t *testing.T) {
 	app := newFakeApp(t)
 	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "1s")
-	// Past -drain-start-wait: a drain began, so it must keep waiting.
-	drainHeldUntilDone(t, p, getDrain(p.url), 1500*time.Millisecond)
+	// Past -drain-start-wait (a drain began, so it must keep waiting) and
+	// past the server's read and idle timeouts (5s), which must not cut it.
+	drainHeldUntilDone(t, p, getDrain(p.url), 6*time.Second)
 	if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
 		t.Errorf("a repeated GET /drain answered %q, want 200 at once", r)
 	}
