@@ -316,9 +316,10 @@ func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
 
 // recountGap is how many times its cost must pass after a count that
 // answered an event before the next event may trigger another: with 50 000
-// calls ending at hundreds a second, counting stays under a tenth of a core,
-// and with few calls left a count is cheap and follows the event at once.
-const recountGap = 10
+// calls ending at hundreds a second, those counts take under a twentieth of
+// a core (ten times left the stopper just over a tenth, BENCHMARKS.md), and
+// with few calls left a count is cheap and follows the event at once.
+const recountGap = 20
 
 // pause waits until the next poll, d, or until a destroy event on the
 // target port, and reports whether an event ended it. When the last count

@@ -20,7 +20,9 @@ cp /bin/sleep "$T/wsbenchapp" # a stand-in app with a name no other process has
 export T
 
 # in_pod TITLE ARG...: runs the script on stdin with ARGs in network and PID
-# namespaces of its own, after a heading with the machine's load.
+# namespaces of its own, after a heading with the machine's load. The stopper
+# runs under "unshare --mount", out of PID 1's mount namespace, as in a pod
+# with shareProcessNamespace (else it would leave the signal to a kubelet).
 in_pod() {
   printf '\n== %s (load: %s)\n' "$1" "$(cut -d' ' -f1-3 /proc/loadavg)"
   shift
@@ -34,7 +36,7 @@ other=$1 drains=$2
 source bench/hold.sh
 hold 9090 "$other"
 cd "$T"
-WSDRAIN_BENCH_PORT=8080 ./wsdrain.test -test.run '^$' -test.bench Reaction -test.benchtime "${drains}x" | grep -E '^Benchmark'
+WSDRAIN_BENCH_PORT=8080 unshare --mount ./wsdrain.test -test.run '^$' -test.bench Reaction -test.benchtime "${drains}x" | grep -E '^Benchmark'
 [ ${#holders[@]} = 0 ] || kill "${holders[@]}"
 wait
 INNER
@@ -50,7 +52,7 @@ mkdir -p "$T/ns.$n.$rate"
 "$T/wsbenchapp" 600 &
 app=$!
 kill -USR1 "${holders[@]}"
-/usr/bin/time -f "stopper: user %U s, system %S s, wall %e s" "$T/wsdrain" stopper --target-port 8080 \
+/usr/bin/time -f "stopper: user %U s, system %S s, wall %e s" unshare --mount "$T/wsdrain" stopper --target-port 8080 \
   --fifo "$T/ns.$n.$rate/drain.fifo" --interval 1s --min-drain 0s --timeout 10s \
   --target-process wsbenchapp 2> "$T/stopper.log" || true
 grep -E '^stopper:|events=|counts_from' "$T/stopper.log" | sed 's/^time=[^ ]* //' | cut -c1-160
