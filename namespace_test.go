@@ -165,18 +165,22 @@ func scenarioTimeout(t *testing.T, pod *nsPod) {
 	pod.proxyLogHas(t, "drain timeout", "connections=1", `msg="signalled app"`)
 }
 
-// scenarioNoFIFO: no proxy and no pipe; the stopper warns and still works.
+// scenarioNoFIFO: no proxy and no pipe; the stopper warns and still works,
+// counting from /proc.
 func scenarioNoFIFO(t *testing.T, pod *nsPod) {
 	pod.startApp(t, false)
 	call := pod.call(t, "[::1]:8080")
-	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s")
+	// /proc counts with polling only: no destroy events.
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s", "--source", "proc")
 	time.Sleep(time.Second)
 	pod.assertNotSignalled(t, "a call open")
 	call.Close()
 	pod.waitSignalled(t)
 	pod.waitStopper(t, stopper, 0)
-	if !strings.Contains(pod.stopperErr.String(), "could not tell the proxy to drain") {
-		t.Errorf("the stopper did not warn about the missing pipe:\n%s", pod.stopperErr)
+	for _, want := range []string{"could not tell the proxy to drain", "counts_from=proc events=off"} {
+		if !strings.Contains(pod.stopperErr.String(), want) {
+			t.Errorf("the stopper's log lacks %q:\n%s", want, pod.stopperErr)
+		}
 	}
 }
 
