@@ -60,8 +60,25 @@ func (r *run) rollingUpdate() error {
 		return err
 	}
 	r.check("new pods ready after the rollout", len(r.w.readyPods()) == 2, "%d ready", len(r.w.readyPods()))
-	r.preStops = append(r.preStops, preStopCheck{r.scenario, pod, logs.wait()})
+	wsdrainLog := logs.wait()
+	r.preStops = append(r.preStops, preStopCheck{r.scenario, pod, wsdrainLog})
+	r.signalFigures(wsdrainLog, ended, gone.at)
 	return nil
+}
+
+// signalFigures splits "old pod gone after the call's end" in two: the
+// stopper's part, the call's end to the app's SIGTERM (destroy events make it
+// milliseconds; a 1s poll made it up to a second), and the kubelet's, the
+// SIGTERM to the pod gone (stopping containers and sandbox: not ours).
+func (r *run) signalFigures(wsdrainLog string, ended, gone time.Time) {
+	const name = "app SIGTERM ≤1s after the call's end (aim: under 0.1s)"
+	signalled, ok := signalledAt(wsdrainLog)
+	if !ok {
+		r.check(name, false, "no \"signalled app\" line in the wsdrain log")
+		return
+	}
+	r.check(name, signalled.Sub(ended) <= time.Second, "%s", ms(signalled.Sub(ended)))
+	r.check("old pod gone ≤3s after the app's SIGTERM (the kubelet's part)", gone.Sub(signalled) <= 3*time.Second, "%s", ms(gone.Sub(signalled)))
 }
 
 // idlePod: no calls; the pod is gone within --min-drain + 3s, and the
@@ -231,8 +248,8 @@ type preStopCheck struct {
 }
 
 var (
-	kubeletHook = regexp.MustCompile(`^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6}).*"(Running preStop hook|PreStop hook completed)".*pod="default/([^"]+)".*containerName="([^"]+)"`)
-	appExited   = regexp.MustCompile(`time=(\S+) level=INFO msg="(app exited|signalled app)"`)
+	kubeletHook  = regexp.MustCompile(`^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6}).*"(Running preStop hook|PreStop hook completed)".*pod="default/([^"]+)".*containerName="([^"]+)"`)
+	appSignalled = regexp.MustCompile(`time=(\S+) level=INFO msg="signalled app"`)
 )
 
 // hooks reads, for every pod the other scenarios ended, the kubelet's hook
@@ -256,12 +273,7 @@ func (r *run) hooks() error {
 			r.check("both preStop hooks started within 1s"+of, gap < time.Second, "%s apart", gap.Round(10*time.Microsecond))
 		}
 
-		var signalled time.Time
-		for _, m := range appExited.FindAllStringSubmatch(pc.logs, -1) {
-			if m[2] == "signalled app" {
-				signalled, _ = time.Parse(time.RFC3339Nano, m[1])
-			}
-		}
+		signalled, _ := signalledAt(pc.logs)
 		completed, ok := hooks.at[pc.pod+"/app/PreStop hook completed"]
 		if !ok || signalled.IsZero() {
 			r.check("app preStop completed ≤2s after the app's signal"+of, false,
@@ -272,6 +284,15 @@ func (r *run) hooks() error {
 		r.check("app preStop completed ≤2s after the app's signal"+of, d > -2*time.Second && d < 2*time.Second, "%s after", ms(d))
 	}
 	return nil
+}
+
+// signalledAt is when the stopper's log says it signalled the app.
+func signalledAt(wsdrainLog string) (time.Time, bool) {
+	var signalled time.Time
+	for _, m := range appSignalled.FindAllStringSubmatch(wsdrainLog, -1) {
+		signalled, _ = time.Parse(time.RFC3339Nano, m[1])
+	}
+	return signalled, !signalled.IsZero()
 }
 
 // kubeletHookLog is what the kubelet logged about preStop hooks.
