@@ -5,6 +5,7 @@ package main
 import (
 	"encoding/binary"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -89,5 +90,41 @@ func TestDestroyedOnPort(t *testing.T) {
 				t.Errorf("destroyedOnPort = %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestDestroyEventsWakeWhenTheKernelDropsSome: with the socket's buffer
+// full the kernel drops events and says so once (ENOBUFS); one of them may
+// have been the last call's, so the stopper must count again, and go on.
+func TestDestroyEventsWakeWhenTheKernelDropsSome(t *testing.T) {
+	e, err := subscribeDestroyEvents()
+	if err != nil {
+		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
+	}
+	defer e.close()
+	rc, err := e.f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1) })
+	ln := listen(t)
+	for range 100 {
+		closeOneCall(t, ln)
+	}
+	time.Sleep(200 * time.Millisecond) // the kernel broadcasts from a work queue
+	wake := make(chan struct{}, 1)
+	ended := make(chan error, 1)
+	go func() { ended <- e.watch(1, wake) }() // port 1: no event of ours
+	select {
+	case <-wake:
+	case err := <-ended:
+		t.Fatalf("the watch ended on an overflow: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("no wake within 5s of an overflow")
+	}
+	select {
+	case err := <-ended:
+		t.Fatalf("the watch ended after the overflow: %v", err)
+	case <-time.After(100 * time.Millisecond):
 	}
 }
