@@ -11,7 +11,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -640,41 +639,5 @@ func TestProxySetsAMemoryLimitUnlessGOMEMLIMITDoes(t *testing.T) {
 	startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo")).stop(t)
 	if got := debug.SetMemoryLimit(-1); got != 32<<20 {
 		t.Errorf("memory limit %d, want 32 MiB, half the sidecar's 64 MiB in k8s.yaml", got)
-	}
-}
-
-// TestManifestsKeepOtherPodsOffTheProxy reads every shipped manifest: each
-// must admit other pods to the app's call port and to nothing else, so that
-// the proxy's port is left to the node (the kubelet).
-func TestManifestsKeepOtherPodsOffTheProxy(t *testing.T) {
-	manifests, _ := filepath.Glob("k8s*.yaml")
-	if len(manifests) == 0 {
-		t.Fatal("no k8s*.yaml manifest at the repository root")
-	}
-	for _, m := range manifests {
-		b, err := os.ReadFile(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var policy string
-		for _, doc := range strings.Split(string(b), "\n---\n") {
-			if strings.Contains(doc, "\nkind: NetworkPolicy\n") {
-				policy = doc
-			}
-		}
-		if policy == "" {
-			t.Errorf("%s ships no NetworkPolicy: every pod can reach the proxy's port", m)
-			continue
-		}
-		if !strings.Contains(policy, `policyTypes: ["Ingress"]`) {
-			t.Errorf("%s: the NetworkPolicy does not restrict ingress", m)
-		}
-		var ports []string
-		for _, p := range regexp.MustCompile(`(?m)^\s*-?\s*port:\s*(\S+)`).FindAllStringSubmatch(policy, -1) {
-			ports = append(ports, p[1])
-		}
-		if len(ports) != 1 || ports[0] != "calls" {
-			t.Errorf("%s: the NetworkPolicy admits ports %v; want the call port only", m, ports)
-		}
 	}
 }

@@ -1,0 +1,91 @@
+package main
+
+// The shipped manifests, as users copy them: what the stopper and the
+// kubelet rely on must hold in each.
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// shippedManifests reads every k8s*.yaml at the repository root.
+func shippedManifests(t *testing.T) map[string]string {
+	t.Helper()
+	names, _ := filepath.Glob("k8s*.yaml")
+	if len(names) == 0 {
+		t.Fatal("no k8s*.yaml manifest at the repository root")
+	}
+	out := map[string]string{}
+	for _, m := range names {
+		b, err := os.ReadFile(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[m] = string(b)
+	}
+	return out
+}
+
+// TestManifestShapes: the default manifest keeps the sidecar out of the
+// app's PID namespace and under its own UID; the shared-PID one shares both,
+// or the stopper could not see or signal the app. Both run wsdrain as a
+// native sidecar, so its proxy outlives the app's preStop.
+func TestManifestShapes(t *testing.T) {
+	ms := shippedManifests(t)
+	shapes := map[string]struct {
+		sharedPID  bool
+		sidecarUID string
+	}{"k8s.yaml": {false, "65532"}, "k8s-shared-pid.yaml": {true, "10001"}}
+	uid := regexp.MustCompile(`(?m)^ {12}runAsUser: (\d+)`)
+	for name, want := range shapes {
+		text, ok := ms[name]
+		if !ok {
+			t.Errorf("%s is not shipped", name)
+			continue
+		}
+		if got := strings.Contains(text, "\n      shareProcessNamespace: true\n"); got != want.sharedPID {
+			t.Errorf("%s: shareProcessNamespace %v, want %v", name, got, want.sharedPID)
+		}
+		_, pod, ok := strings.Cut(text, "      initContainers:")
+		sidecar, app, ok2 := strings.Cut(pod, "      containers:")
+		if !ok || !ok2 || !strings.Contains(sidecar, "- name: wsdrain") || !strings.Contains(sidecar, "restartPolicy: Always") {
+			t.Errorf("%s: wsdrain is not a native sidecar (initContainers, restartPolicy: Always)", name)
+			continue
+		}
+		su, au := uid.FindStringSubmatch(sidecar), uid.FindStringSubmatch(app)
+		if su == nil || au == nil || su[1] != want.sidecarUID || (want.sharedPID && su[1] != au[1]) {
+			t.Errorf("%s: sidecar runAsUser %v, app runAsUser %v; want the sidecar as %s", name, su, au, want.sidecarUID)
+		}
+	}
+}
+
+// TestManifestsKeepOtherPodsOffTheProxy reads every shipped manifest: each
+// must admit other pods to the app's call port and to nothing else, so that
+// the proxy's port is left to the node (the kubelet).
+func TestManifestsKeepOtherPodsOffTheProxy(t *testing.T) {
+	for m, text := range shippedManifests(t) {
+		var policy string
+		for _, doc := range strings.Split(text, "\n---\n") {
+			if strings.Contains(doc, "\nkind: NetworkPolicy\n") {
+				policy = doc
+			}
+		}
+		if policy == "" {
+			t.Errorf("%s ships no NetworkPolicy: every pod can reach the proxy's port", m)
+			continue
+		}
+		if !strings.Contains(policy, `policyTypes: ["Ingress"]`) {
+			t.Errorf("%s: the NetworkPolicy does not restrict ingress", m)
+		}
+		var ports []string
+		for _, p := range regexp.MustCompile(`(?m)^\s*-?\s*port:\s*(\S+)`).FindAllStringSubmatch(policy, -1) {
+			ports = append(ports, p[1])
+		}
+		if len(ports) != 1 || ports[0] != "calls" {
+			t.Errorf("%s: the NetworkPolicy admits ports %v; want the call port only", m, ports)
+		}
+	}
+}
