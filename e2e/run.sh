@@ -20,7 +20,7 @@ set -Eeuo pipefail
 # Tested: v1.35.4, v1.36.3, v1.37.2 (supported minors) and v1.33.13.
 read -r -a VERSIONS <<< "${K8S_VERSIONS:-${K8S_VERSION:-v1.37.2}}"
 # The manifests at the repo root to run every scenario on.
-read -r -a MANIFESTS <<< "${E2E_MANIFESTS:-k8s.yaml}"
+read -r -a MANIFESTS <<< "${E2E_MANIFESTS:-k8s.yaml k8s-shared-pid.yaml}"
 # E2E_RUN=REGEXP runs only the scenarios whose name matches (cmd/scenarios -run).
 CACHE=${WSDRAIN_E2E_CACHE:-/var/cache/wsdrain-e2e}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +30,10 @@ ETCD_PORT=12379
 BRIDGE=wsdrain0
 POD_CIDR=10.244.77.0/24
 NODE_IP=10.244.77.1
+# A second address of this host on the bridge, outside the pods' range: the
+# keep-alive scraper connects from it, so that --ignore-peer can tell it apart
+# from the calls, which come from NODE_IP.
+SCRAPER_IP=10.244.77.254
 export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
 
 started=$(date +%s.%N)
@@ -136,6 +140,7 @@ cleanup() {
   stop_cluster
   if [ -n "$W" ]; then
     [ -s "$W/results.tsv" ] && summary=$("$W/images/scenarios" -summary "$W/results.tsv")
+    [ -e "$W/scraper-ip.ours" ] && ip addr del "$SCRAPER_IP/24" dev "$BRIDGE" 2>/dev/null
     if [ -e "$W/bridge.ours" ] && ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
     awk -v w="$W" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
   fi
@@ -247,6 +252,9 @@ if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
   ip addr add "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
 fi
+if ! ip -o addr show dev "$BRIDGE" | grep -qF " $SCRAPER_IP/"; then
+  ip addr add "$SCRAPER_IP/24" dev "$BRIDGE" && touch "$W/scraper-ip.ours"
+fi
 
 # ------------------------------------------------------------- a cluster
 # start_containerd starts a fresh containerd for the cluster in $C and
@@ -280,7 +288,7 @@ EOF
   cat > "$C/cni/net.d/10-wsdrain.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "wsdrain-e2e", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "dataDir": "$C/cni/ipam"}}]}
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR", "rangeEnd": "10.244.77.200"}]], "dataDir": "$C/cni/ipam"}}]}
 EOF
   containerd --config "$C/containerd.toml" > "$C/logs/containerd.log" 2>&1 &
   pids+=($!)
@@ -393,7 +401,7 @@ run_scenarios() {
   "$W/images/scenarios" -kubectl "$KUBECTL" -kubeconfig "$C/kubeconfig" -api "https://127.0.0.1:$API_PORT" \
     -token "$TOKEN" -manifest "$(IFS=,; echo "${manifests[*]}")" -work "$C" -kubelet-log "$C/logs/kubelet.log" \
     -wsdrain-image localhost/wsdrain-e2e/wsdrain:e2e -app-image localhost/wsdrain-e2e/wsapp:1 \
-    -wrapped-app-image localhost/wsdrain-e2e/wsapp-wrapped:1 -label "$1" -results "$W/results.tsv" \
+    -wrapped-app-image localhost/wsdrain-e2e/wsapp-wrapped:1 -scraper-ip "$SCRAPER_IP" -label "$1" -results "$W/results.tsv" \
     -run "${E2E_RUN:-.}"
 }
 

@@ -11,9 +11,10 @@ import (
 	"time"
 )
 
-// deploy applies r.manifest with only image names, pull policy and (for the
-// timeout scenario) a shorter grace period changed, each change printed.
-func (r *run) deploy(why, appImage string, shortGrace bool) error {
+// deploy applies r.manifest with only image names, pull policy, (for the
+// timeout and scraper scenarios) a shorter grace period and the extra edits
+// changed, each change printed. An edit changes every place it matches.
+func (r *run) deploy(why, appImage string, shortGrace bool, extra ...[2]string) error {
 	b, err := os.ReadFile(r.manifest)
 	if err != nil {
 		return err
@@ -28,14 +29,16 @@ func (r *run) deploy(why, appImage string, shortGrace bool) error {
 			[2]string{"terminationGracePeriodSeconds: 600", "terminationGracePeriodSeconds: 40"},
 			[2]string{"--timeout=570s", "--timeout=25s"})
 	}
+	edits = append(edits, extra...)
 	name := filepath.Base(r.manifest)
 	r.logf("apply %s (%s) with these changes:", name, why)
 	for _, e := range edits {
 		if !strings.Contains(text, e[0]) {
 			return fmt.Errorf("%s no longer contains %q", name, e[0])
 		}
-		text = strings.Replace(text, e[0], e[1], 1)
-		fmt.Printf("             - %q -> %q\n", e[0], e[1])
+		n := strings.Count(text, e[0])
+		text = strings.ReplaceAll(text, e[0], e[1])
+		fmt.Printf("             - %q -> %q (%d×)\n", e[0], e[1], n)
 	}
 	text, n := addPullPolicyNever(text)
 	fmt.Printf("             - imagePullPolicy: Never on %d containers (no registry here)\n", n)
@@ -53,6 +56,12 @@ func (r *run) deploy(why, appImage string, shortGrace bool) error {
 		r.check("admitted under the restricted Pod Security profile", len(r.w.readyPods()) == 2, "%d pods ready", len(r.w.readyPods()))
 	}
 	return nil
+}
+
+// sharesPIDNamespace tells whether a manifest's pods share their PID namespace.
+func sharesPIDNamespace(manifest string) (bool, error) {
+	b, err := os.ReadFile(manifest)
+	return strings.Contains(string(b), "\n      shareProcessNamespace: true\n"), err
 }
 
 // rendered is where the manifest as applied is written.

@@ -22,6 +22,7 @@ type config struct {
 	manifests                          []string
 	workDir, kubeletLog                string
 	wsdrainImage, appImage, wrapped    string
+	scraperIP                          string
 	label, resultsFile                 string
 	only                               *regexp.Regexp
 }
@@ -39,6 +40,7 @@ func main() {
 	flag.StringVar(&c.wsdrainImage, "wsdrain-image", "", "wsdrain image, built from the Dockerfile")
 	flag.StringVar(&c.appImage, "app-image", "", "demo WebSocket app image")
 	flag.StringVar(&c.wrapped, "wrapped-app-image", "", "demo app started through a shell wrapper")
+	flag.StringVar(&c.scraperIP, "scraper-ip", "", "a local address, not the calls', for the keep-alive scraper to connect from")
 	flag.StringVar(&c.label, "label", "", "what this run is, for the summary: the Kubernetes version")
 	flag.StringVar(&c.resultsFile, "results", "", "append one row per check to this file")
 	flag.StringVar(&only, "run", ".", "run only the scenarios whose name matches this regexp")
@@ -114,20 +116,25 @@ func (r *run) summary() {
 }
 
 // scenario is one entry of the table below; fn returns an error when the
-// scenario could not go on (its checks so far stay recorded).
+// scenario could not go on (its checks so far stay recorded). A sharedPID
+// scenario runs only on a manifest that shares the pod's PID namespace.
 type scenario struct {
-	name string
-	fn   func(*run) error
+	name      string
+	fn        func(*run) error
+	sharedPID bool
 }
 
 // scenarios run in this order on each manifest, once it is deployed as
 // shipped. Add a new one here; "hooks" reads the pods the others ended.
 var scenarios = []scenario{
-	{"1. rolling update under a call", (*run).rollingUpdate},
-	{"2. idle pod, health on the call port", (*run).idlePod},
-	{"3. app behind a shell wrapper", (*run).wrapper},
-	{"4. call longer than the drain timeout", (*run).timeout},
-	{"5. preStop hooks", (*run).hooks},
+	{"1. rolling update under a call", (*run).rollingUpdate, false},
+	{"2. idle pod, health on the call port", (*run).idlePod, false},
+	// Only the stopper can get past a wrapper that swallows the kubelet's
+	// SIGTERM, and only where it sees the app's processes.
+	{"3. app behind a shell wrapper", (*run).wrapper, true},
+	{"4. call longer than the drain timeout", (*run).timeout, false},
+	{"5. keep-alive scraper on the call port", (*run).scraper, false},
+	{"6. preStop hooks", (*run).hooks, false},
 }
 
 func (r *run) all() error {
@@ -160,8 +167,16 @@ func (r *run) onManifest(manifest string) error {
 		r.check("deployed as shipped", false, "%v", err)
 		return err
 	}
+	shared, err := sharesPIDNamespace(manifest)
+	if err != nil {
+		return err
+	}
 	for _, s := range scenarios {
 		if !r.only.MatchString(s.name) {
+			continue
+		}
+		if s.sharedPID && !shared {
+			fmt.Printf("\n== %s %s: scenario %s: not run, the manifest does not share the PID namespace\n", r.label, filepath.Base(manifest), s.name)
 			continue
 		}
 		r.scenario = s.name

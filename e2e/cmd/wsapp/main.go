@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"flag"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
@@ -28,6 +29,11 @@ func main() {
 	calls := &callSet{conns: map[*websocket.Conn]bool{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	// Like many apps, it serves its own metrics on the call port: a scraper
+	// that keeps its connection open there is no call (e2e "scraper").
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "wsapp_calls %d\n", calls.count())
+	})
 	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) { calls.serve(w, r, log) })
 	srv := &http.Server{Addr: *addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
