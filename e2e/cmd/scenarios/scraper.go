@@ -90,7 +90,7 @@ func (r *run) scraperIgnored() error {
 // manifest as shipped (no exclusion): after the call's end the scraper
 // alone holds the drain, until it goes.
 func (r *run) scraperCounted() error {
-	if err := r.deploy("no exclusions, as shipped", r.appImage, true); err != nil {
+	if err := r.deploy("the scraper counted: no --ignore-peer", r.appImage, true); err != nil {
 		return err
 	}
 	if err := r.waitReady(2); err != nil {
