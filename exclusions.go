@@ -123,15 +123,17 @@ func parsePeer(s string) (netip.Prefix, error) {
 		}
 		p = netip.PrefixFrom(a, a.BitLen())
 	}
-	if p.Bits() == 0 {
-		return netip.Prefix{}, errors.New("a /0 network leaves no call to wait for")
-	}
 	if p.Masked() != p {
 		return netip.Prefix{}, fmt.Errorf("has bits set past the /%d mask; did you mean %v?", p.Bits(), p.Masked())
 	}
-	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8.
-	if p.Addr().Is4In6() && p.Bits() > 96 {
+	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8,
+	// and ::ffff:0:0/96 all of IPv4: read as IPv4, they match IPv4 sockets
+	// as well as IPv4-mapped remotes, and the second is refused as a /0.
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	if p.Bits() == 0 {
+		return netip.Prefix{}, errors.New("a /0 network leaves no call to wait for")
 	}
 	return p, nil
 }

@@ -19,6 +19,8 @@ func TestParsePeer(t *testing.T) {
 		{in: "10.1.2.3/8", err: "did you mean 10.0.0.0/8?"},
 		{in: "0.0.0.0/0", err: "leaves no call"},
 		{in: "::/0", err: "leaves no call"},
+		{in: "::ffff:0:0/96", err: "leaves no call"}, // every IPv4 client of a dual-stack app
+		{in: "::ffff:128.0.0.0/97", want: "128.0.0.0/1"},
 		{in: "10.0.0.0/33", err: "want a network"},
 		{in: "fe80::1%eth0", err: "want a network"},
 		{in: "example.com", err: "want a network"},

@@ -418,9 +418,11 @@ example:
 flags:
   -target-port N       the app's port (default 8080)
   -source S            netlink, proc or auto (default auto: netlink unless refused)
-  -ignore-peer CIDR    connections from this network are not calls; repeatable
+  -ignore-peer CIDR    connections from this network are not calls; repeatable;
+                       an IPv4 network also matches IPv4-mapped IPv6 remotes
   -ignore-idle D       connections with no data either way for D are not calls;
-                       needs netlink (default 0: off)
+                       D at least 1s and above the app's own ping period; needs
+                       netlink (default 0: off)
 
 exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
 `
