@@ -357,8 +357,9 @@ func runBenchHolder(args []string) int {
 }
 
 // BenchmarkReaction drains b.N times, as bench/run.sh runs it in a network
-// namespace of its own: a fresh app, one call, a stopper polling every 5s,
-// the call closed; it reports the time from the close to the app's SIGTERM.
+// namespace of its own: a fresh app, two calls, a stopper polling every 5s,
+// the calls closed one after the other; it reports the time from the last
+// close to the app's SIGTERM.
 func BenchmarkReaction(b *testing.B) {
 	if os.Getenv("WSDRAIN_BENCH_PORT") == "" {
 		b.Skip("run by bench/run.sh, in a network namespace of its own")
@@ -388,13 +389,20 @@ func drainOnce(b *testing.B, port string) time.Duration {
 	if line := <-appOut; !strings.HasPrefix(line, "listening") {
 		b.Fatalf("app: %q", line)
 	}
-	call, err := net.Dial("tcp", "127.0.0.1:"+port)
-	if err != nil {
-		b.Fatal(err)
-	}
-	fmt.Fprintf(call, "GET /call HTTP/1.1\r\nHost: app\r\n\r\n")
-	if line, err := bufio.NewReader(call).ReadString('\n'); err != nil || line != "connected\n" {
-		b.Fatalf("call: %q %v", line, err)
+	// Two calls: the first one's end makes the stopper count at once
+	// (count=1), and the second ends right after that count, when the rate
+	// limit would hold an answer back: the worst case for the reaction.
+	var calls []net.Conn
+	for range 2 {
+		call, err := net.Dial("tcp", "127.0.0.1:"+port)
+		if err != nil {
+			b.Fatal(err)
+		}
+		fmt.Fprintf(call, "GET /call HTTP/1.1\r\nHost: app\r\n\r\n")
+		if line, err := bufio.NewReader(call).ReadString('\n'); err != nil || line != "connected\n" {
+			b.Fatalf("call: %q %v", line, err)
+		}
+		calls = append(calls, call)
 	}
 	stopper := wsdrainCmd("stopper", "--target-port", port, "--fifo", filepath.Join(b.TempDir(), "drain.fifo"),
 		"--interval", "5s", "--min-drain", "0s")
@@ -403,17 +411,19 @@ func drainOnce(b *testing.B, port string) time.Duration {
 		b.Fatal(err)
 	}
 	defer stopper.Wait()
-	counted := false
-	for line := range stopperLog {
-		if counted = strings.Contains(line, "count=1"); counted {
-			break
+	waitLog := func(want string) {
+		for line := range stopperLog {
+			if strings.Contains(line, want) {
+				return
+			}
 		}
+		b.Fatalf("the stopper ended before it logged %s", want)
 	}
-	if !counted {
-		b.Fatal("the stopper ended before it counted the call")
-	}
+	waitLog("count=2")
+	calls[0].Close()
+	waitLog("count=1")
 	closed := time.Now()
-	call.Close()
+	calls[1].Close()
 	if line := <-appOut; line != "app: got terminated" {
 		b.Fatalf("app: %q", line)
 	}

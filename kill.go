@@ -70,52 +70,72 @@ func (fs procFS) pids() ([]int, error) {
 	return pids, nil
 }
 
+// ownerScan is what a search of /proc for a socket's holders saw.
+type ownerScan struct {
+	owners, unreadable []process
+	fds                map[int]string // owner's pid → its fd on the socket
+	seen               map[int]uint64 // every process looked at: pid → start time
+}
+
 // socketOwners returns the processes with an open fd on one of the socket
-// inodes, and those whose fds it was not allowed to read. Each is stat'ed
-// before and after its fds are read: a PID reused meanwhile (the start time
-// differs) is skipped, so an owner's identity is the one whose fds were read.
-func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
+// inodes, and those whose fds it was not allowed to read, skipping those
+// skip says were seen before. Each is stat'ed before and after its fds are
+// read: a PID reused meanwhile (the start time differs) is skipped, so an
+// owner's identity is the one whose fds were read.
+func (fs procFS) socketOwners(inodes []uint64, skip map[int]uint64) (ownerScan, error) {
+	sc := ownerScan{fds: map[int]string{}, seen: map[int]uint64{}}
 	pids, err := fs.pids()
 	if err != nil {
-		return nil, nil, err
+		return sc, err
 	}
 	for _, pid := range pids {
 		p, err := fs.stat(pid)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		holds, err := fs.holdsSocket(pid, inodes)
+		if start, ok := skip[pid]; ok && start == p.start {
+			continue
+		}
+		fd, err := fs.holdsSocket(pid, inodes)
 		if now, serr := fs.stat(pid); serr != nil || now.start != p.start {
 			continue // gone or reused while its fds were read
 		}
+		sc.seen[pid] = p.start
 		switch {
 		case errors.Is(err, os.ErrPermission):
-			unreadable = append(unreadable, p)
-		case err == nil && holds:
-			owners = append(owners, p)
+			sc.unreadable = append(sc.unreadable, p)
+		case err == nil && fd != "":
+			sc.owners = append(sc.owners, p)
+			sc.fds[pid] = fd
 		}
 	}
-	return owners, unreadable, nil
+	return sc, nil
 }
 
-// holdsSocket reports whether pid has an fd that is "socket:[inode]".
-func (fs procFS) holdsSocket(pid int, inodes []uint64) (bool, error) {
+// holdsSocket returns the fd through which pid holds one of the sockets
+// ("socket:[inode]"), or "".
+func (fs procFS) holdsSocket(pid int, inodes []uint64) (string, error) {
 	dir := filepath.Join(fs.root, strconv.Itoa(pid), "fd")
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	for _, e := range entries {
-		link, err := os.Readlink(filepath.Join(dir, e.Name()))
-		if err != nil || !strings.HasPrefix(link, "socket:[") {
-			continue
-		}
-		n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
-		if err == nil && slices.Contains(inodes, n) {
-			return true, nil
+		if fs.fdIsSocket(pid, e.Name(), inodes) {
+			return e.Name(), nil
 		}
 	}
-	return false, nil
+	return "", nil
+}
+
+// fdIsSocket reports whether fd of pid is one of the sockets.
+func (fs procFS) fdIsSocket(pid int, fd string, inodes []uint64) bool {
+	link, err := os.Readlink(filepath.Join(fs.root, strconv.Itoa(pid), "fd", fd))
+	if err != nil || !strings.HasPrefix(link, "socket:[") {
+		return false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
+	return err == nil && slices.Contains(inodes, n)
 }
 
 // byComm returns the processes whose /proc/PID/comm is name. The kernel
@@ -209,28 +229,66 @@ func (t targetFinder) find() ([]process, error) {
 		}
 		return ps, nil
 	}
+	ps, _, err := t.findOwners(nil)
+	return ps, err
+}
+
+// listenerScan is a search for the listener's owners, kept from a search
+// made while the drain runs so that the one at the zero skips what has not
+// changed: reading every process's fds takes long where other processes
+// hold thousands of connections (115 ms for 20 000 fds, BENCHMARKS.md).
+type listenerScan struct {
+	inodes []uint64       // the LISTEN sockets, sorted
+	seen   map[int]uint64 // every process looked at: pid → start time
+	owners []process      // what find returned
+	fds    map[int]string // owner's pid → its fd on the socket
+}
+
+// findOwners finds the owners of the listening socket. Given an earlier
+// scan of the same listening sockets whose owners all still hold them
+// through the same fds, it reads the fds of new processes only, and keeps
+// the earlier answer if none of them holds the socket or hides its fds.
+func (t targetFinder) findOwners(prev *listenerScan) ([]process, *listenerScan, error) {
 	inodes, err := t.source.listeners(t.port)
 	if err != nil {
-		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
+		return nil, nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
 	}
 	if len(inodes) == 0 {
-		return nil, fmt.Errorf("nothing listens on port %d", t.port)
+		return nil, nil, fmt.Errorf("nothing listens on port %d", t.port)
 	}
-	owners, unreadable, err := t.fs.socketOwners(inodes)
+	slices.Sort(inodes)
+	if prev != nil && slices.Equal(inodes, prev.inodes) && t.stillHeld(prev) {
+		sc, err := t.fs.socketOwners(inodes, prev.seen)
+		if err == nil && len(withoutUnsafe(sc.owners, t.protect)) == 0 && len(withoutUnsafe(sc.unreadable, t.protect)) == 0 {
+			return prev.owners, prev, nil
+		}
+	}
+	sc, err := t.fs.socketOwners(inodes, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// A process we may not inspect may hold the socket too: the master of a
 	// pre-fork server running as another user, say. Signalling only the
 	// workers we can see would leave it listening, so refuse instead.
-	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
-		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
+	if unreadable := withoutUnsafe(sc.unreadable, t.protect); len(unreadable) > 0 {
+		return nil, nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
 			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
 	}
-	if owners = rootsOf(withoutUnsafe(owners, t.protect)); len(owners) > 0 {
-		return owners, nil
+	if owners := rootsOf(withoutUnsafe(sc.owners, t.protect)); len(owners) > 0 {
+		return owners, &listenerScan{inodes: inodes, seen: sc.seen, owners: owners, fds: sc.fds}, nil
 	}
-	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
+	return nil, nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
+}
+
+// stillHeld reports whether every owner of an earlier scan is alive and
+// holds a listening socket through the same fd.
+func (t targetFinder) stillHeld(prev *listenerScan) bool {
+	for _, p := range prev.owners {
+		if !t.fs.alive(p) || !t.fs.fdIsSocket(p.pid, prev.fds[p.pid], prev.inodes) {
+			return false
+		}
+	}
+	return true
 }
 
 // describe names a few processes for an error message.
@@ -284,6 +342,25 @@ type appSignaller struct {
 	lockWait time.Duration // how long an overlapping run may keep the record: --timeout, 0 for ever
 	sig      syscall.Signal
 	log      *slog.Logger
+	ahead    *listenerScan // found while the drain ran (prepare)
+}
+
+// prepare looks for the app while the drain runs, so that the search at
+// the zero has little left to read. A failure here is no verdict: signal
+// searches again.
+func (a *appSignaller) prepare() {
+	if a.finder.comm == "" {
+		_, a.ahead, _ = a.finder.findOwners(nil)
+	}
+}
+
+// find is the finder's answer, starting from what prepare found.
+func (a *appSignaller) find() ([]process, error) {
+	if a.finder.comm != "" {
+		return a.finder.find()
+	}
+	ps, _, err := a.finder.findOwners(a.ahead)
+	return ps, err
 }
 
 // signal sends the signal to every target not signalled by an earlier run
@@ -293,7 +370,7 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
 	target := a.finder.name()
-	targets, err := a.finder.find()
+	targets, err := a.find()
 	if err != nil {
 		return a.signalledEarlier(rec.signalledAs(target), err)
 	}

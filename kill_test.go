@@ -222,3 +222,33 @@ func TestSignalsOnlyTheProcessWithTheRecordedStartTime(t *testing.T) {
 		t.Fatalf("signalling an app that has exited: %v; want nothing done", err)
 	}
 }
+
+// TestFindOwnersStartsFromAnEarlierScan: the search at the zero keeps what
+// a search during the drain found while the same listening socket is held
+// through the same fd, and searches afresh when the socket changed.
+func TestFindOwnersStartsFromAnEarlierScan(t *testing.T) {
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	f := targetFinder{fs: procFS{"/proc"}, source: newProcSource(), port: port}
+	first, scan, err := f.findOwners(nil)
+	if err != nil || scan == nil || len(first) != 1 || first[0].pid != os.Getpid() {
+		t.Fatalf("findOwners = %+v, %+v, %v; want this process", first, scan, err)
+	}
+	again, next, err := f.findOwners(scan)
+	if err != nil || next != scan || !slices.Equal(again, first) {
+		t.Fatalf("with the earlier scan: %+v, %v (scan kept: %v); want the same owners", again, err, next == scan)
+	}
+	ln.Close()
+	ln, err = net.Listen("tcp", ":"+strconv.Itoa(int(port)))
+	if err != nil {
+		t.Skipf("cannot listen on port %d again: %v", port, err)
+	}
+	defer ln.Close()
+	_, next, err = f.findOwners(scan)
+	if err != nil || next == scan {
+		t.Fatalf("a new listening socket kept the earlier scan (%v)", err)
+	}
+}

@@ -213,6 +213,7 @@ type stopper struct {
 	now    func() time.Time
 	sleep  func(ctx context.Context, d time.Duration) error
 	app    interface {
+		prepare() // look for the app ahead, while the calls go on
 		signal(ctx context.Context) ([]process, error)
 		waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool
 	}
@@ -220,6 +221,10 @@ type stopper struct {
 	// listening then tells when the app has exited.
 	ownPIDNamespace bool
 	listening       func() (bool, error)
+
+	// The rate limit of counts that answer events (owed).
+	debt   time.Duration
+	debtAt time.Time
 }
 
 func (s *stopper) run(ctx context.Context) error {
@@ -229,6 +234,9 @@ func (s *stopper) run(ctx context.Context) error {
 		"not_calls", s.cfg.exclude.String(), "pid_namespace", pidNamespaceName(s.ownPIDNamespace))
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
+	}
+	if !s.ownPIDNamespace {
+		s.app.prepare() // the fds of every process are read now, not at the zero
 	}
 	if err := s.waitForCalls(ctx, begun); err != nil {
 		return err
@@ -258,9 +266,12 @@ func (s *stopper) run(ctx context.Context) error {
 // a snapshot of the socket tables, so one reading can miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 	r := countReporter{log: s.log, last: tally{calls: -1}}
-	afterEvent := false // whether the last count answered a destroy event
+	afterEvent := false // whether this count answers a destroy event
 	for {
 		t, cost, err := s.timedCount()
+		if afterEvent {
+			s.charge(cost)
+		}
 		elapsed := s.now().Sub(begun)
 		if err == nil && t.calls == 0 && elapsed >= s.cfg.minDrain {
 			t, err = s.secondReading(elapsed)
@@ -276,7 +287,7 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 				"connections", countAttr(n, err), "elapsed", elapsed.Round(time.Millisecond))
 			return nil
 		}
-		woken, perr := s.pause(ctx, s.nextWait(n, err, elapsed), cost, afterEvent)
+		woken, perr := s.pause(ctx, s.nextWait(n, err, elapsed))
 		if perr != nil {
 			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), perr)
 		}
@@ -314,27 +325,50 @@ func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
 	return t, err
 }
 
-// recountGap is how many times its cost must pass after a count that
-// answered an event before the next event may trigger another: with 50 000
-// calls ending at hundreds a second, those counts take under a twentieth of
-// a core (ten times left the stopper just over a tenth, BENCHMARKS.md), and
-// with few calls left a count is cheap and follows the event at once.
+// recountGap is how many times its CPU cost a count that answered an event
+// must be paid back in wall time before events may trigger counts freely:
+// counts that answer events use at most a twentieth of a core in the long
+// run (ten times left the stopper just over a tenth, BENCHMARKS.md).
 const recountGap = 20
 
+// recountBurst is the credit, in wall time, that a quiet spell builds up:
+// counts answering events run at once until they have used it. A count
+// costs what walking the kernel's socket hash table costs, which depends on
+// the node, not on the calls left (0.7 ms on an idle node, 11 ms with 10 000
+// other connections): without credit, the last two calls ending a few
+// milliseconds apart would have the second wait twenty times that.
+const recountBurst = time.Second
+
+// charge adds what a count that answered an event owes.
+func (s *stopper) charge(cost time.Duration) { s.owed(); s.debt += recountGap * cost }
+
+// owed is the wall time the counts that answered events still owe;
+// negative, it is credit, at most recountBurst.
+func (s *stopper) owed() time.Duration {
+	now := s.now()
+	if s.debtAt.IsZero() {
+		s.debt = -recountBurst
+	} else {
+		s.debt = max(s.debt-now.Sub(s.debtAt), -recountBurst)
+	}
+	s.debtAt = now
+	return s.debt
+}
+
 // pause waits until the next poll, d, or until a destroy event on the
-// target port, and reports whether an event ended it. When the last count
-// answered an event too (spaced), the next waits until recountGap times
-// that count's cost has passed since it; events meanwhile share it. The
-// first event after a quiet spell is answered at once.
-func (s *stopper) pause(ctx context.Context, d, cost time.Duration, spaced bool) (woken bool, err error) {
+// target port, and reports whether an event ended it. An event is answered
+// at once while there is credit, else once the debt is paid (never later
+// than the poll): however fast calls end, counts answering events stay
+// within 1/recountGap of a core, plus the burst.
+func (s *stopper) pause(ctx context.Context, d time.Duration) (woken bool, err error) {
 	if s.events == nil {
 		return false, s.sleep(ctx, d)
 	}
 	from := s.now()
-	if woken, err = s.events.wait(ctx, d); err != nil || !woken || !spaced {
+	if woken, err = s.events.wait(ctx, d); err != nil || !woken {
 		return woken, err
 	}
-	if rest := min(recountGap*cost, d) - s.now().Sub(from); rest > 0 {
+	if rest := min(s.owed(), d-s.now().Sub(from)); rest > 0 {
 		return true, s.sleep(ctx, rest)
 	}
 	return true, nil

@@ -38,6 +38,8 @@ func (a *recordingApp) signal(context.Context) ([]process, error) {
 	return []process{{pid: 42}}, a.signalErr
 }
 
+func (a *recordingApp) prepare() {}
+
 func (a *recordingApp) waitExit(context.Context, []process, time.Duration, func(context.Context, time.Duration) error) bool {
 	return true
 }
@@ -259,13 +261,40 @@ func TestStopperRateLimitsRecounts(t *testing.T) {
 	if err := s.run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	// The first count, the first event's answered at once, and the one at
-	// the timeout; between them, one count every cost + recountGap*cost.
-	if most := int(cfg.timeout/(cost+recountGap*cost)) + 3; *counts > most {
+	// The first count, those the burst pays for, and the one at the
+	// timeout; beyond the burst, one count every cost + recountGap*cost.
+	if most := int((cfg.timeout+recountBurst)/(cost+recountGap*cost)) + 3; *counts > most {
 		t.Errorf("%d counts of %v each in %v of constant events; want at most %d", *counts, cost, cfg.timeout, most)
 	}
 	if *counts < 5 {
 		t.Errorf("only %d counts in %v of constant events; the events were ignored", *counts, cfg.timeout)
+	}
+}
+
+// TestStopperAnswersTheLastCallsAtOnce: the last two calls end 5 ms apart
+// on a node where a count costs 11 ms (10 000 other connections): the
+// second close is answered at once, not twenty counts' cost later.
+func TestStopperAnswersTheLastCallsAtOnce(t *testing.T) {
+	first, second := 2*time.Second, 2*time.Second+5*time.Millisecond
+	cost := 11 * time.Millisecond
+	s, app, _ := eventStopper(stopperConfig{interval: 5 * time.Second}, func(since time.Duration) int {
+		switch {
+		case since < first:
+			return 2
+		case since < second:
+			return 1
+		}
+		return 0
+	}, cost)
+	fe := s.events.(*fakeEvents)
+	start := fe.clock.t
+	fe.next, fe.period = start.Add(first), second-first
+	if err := s.run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The count that sees the zero and the second reading: two costs.
+	if got := app.signalled.Sub(start) - second; got > 3*cost {
+		t.Errorf("app signalled %v after the last close; want within %v (two counts)", got, 3*cost)
 	}
 }
 
