@@ -5,6 +5,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestStatReadsAwkwardNames(t *testing.T) {
@@ -250,5 +252,78 @@ func TestFindOwnersStartsFromAnEarlierScan(t *testing.T) {
 	_, next, err = f.findOwners(scan)
 	if err != nil || next == scan {
 		t.Fatalf("a new listening socket kept the earlier scan (%v)", err)
+	}
+}
+
+// TestSignalNeverReachesAReusedPID reuses the app's PID for real, in a PID
+// namespace of its own, between the moment the stopper takes the process
+// in hand and the moment it has checked the start time: the new process
+// must not get the signal. The check reads a stat that the test serves
+// through a pipe, so the test knows when the check runs.
+func TestSignalNeverReachesAReusedPID(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipped: reusing a PID on purpose needs a PID namespace (run as root, as CI does)")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestPIDReuseInNamespace$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), "WSDRAIN_PID_REUSE=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestPIDReuseInNamespace") {
+		t.Fatalf("%v\n%s", err, out)
+	}
+}
+
+// TestPIDReuseInNamespace is the inside of TestSignalNeverReachesAReusedPID.
+func TestPIDReuseInNamespace(t *testing.T) {
+	if os.Getenv("WSDRAIN_PID_REUSE") == "" || os.Getpid() != 1 {
+		t.Skip("runs only inside the PID namespace that TestSignalNeverReachesAReusedPID creates")
+	}
+	old := exec.Command(os.Args[0], "--port", "0")
+	oldLines := runTestAppCmd(t, old)
+	go func() {
+		for oldLines.Scan() {
+		}
+	}()
+	pid := old.Process.Pid
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, strconv.Itoa(pid)), 0o755)
+	statPipe := filepath.Join(root, strconv.Itoa(pid), "stat")
+	if err := syscall.Mkfifo(statPipe, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const start = 4242
+	signalled := make(chan error, 1)
+	go func() {
+		signalled <- procFS{root}.signalProcess(process{pid: pid, comm: "app", start: start}, syscall.SIGTERM)
+	}()
+	w, err := os.OpenFile(statPipe, os.O_WRONLY, 0) // returns once the check reads the stat
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.Process.Kill()
+	old.Wait()
+	if err := os.WriteFile("/proc/sys/kernel/ns_last_pid", []byte(strconv.Itoa(pid-1)), 0); err != nil {
+		t.Fatal(err)
+	}
+	reuser := exec.Command(os.Args[0], "--port", "0")
+	lines := runTestAppCmd(t, reuser)
+	if reuser.Process.Pid != pid {
+		t.Skipf("skipped: the new process got pid %d, not %d", reuser.Process.Pid, pid)
+	}
+	// The old process, by the check's reading, is still the one at pid.
+	fmt.Fprintf(w, "%d (app) S 1 %d %d 0 -1 4194560 0 0 0 0 1 2 0 0 20 0 3 0 %d 0 0\n", pid, pid, pid, start)
+	w.Close()
+	if err := <-signalled; err != nil {
+		t.Fatalf("signalProcess: %v", err)
+	}
+	said := make(chan string, 1)
+	go func() {
+		lines.Scan()
+		said <- lines.Text()
+	}()
+	select {
+	case s := <-said:
+		t.Fatalf("the process that reused pid %d got the stopper's signal (it said %q)", pid, s)
+	case <-time.After(time.Second):
 	}
 }

@@ -87,5 +87,37 @@ func TestManifestsKeepOtherPodsOffTheProxy(t *testing.T) {
 		if len(ports) != 1 || ports[0] != "calls" {
 			t.Errorf("%s: the NetworkPolicy admits ports %v; want the call port only", m, ports)
 		}
+		// A rule without ports admits every port: each rule must name its ports.
+		_, ingress, _ := strings.Cut(policy, "\n  ingress:\n")
+		for i, rule := range regexp.MustCompile(`(?m)^    - `).Split(ingress, -1)[1:] {
+			if !strings.Contains(rule, "ports:") {
+				t.Errorf("%s: ingress rule %d of the NetworkPolicy names no ports, so admits them all:\n%s", m, i+1, rule)
+			}
+		}
+		// It must select the pods that the manifest runs.
+		_, template, _ := strings.Cut(text, "\n  template:\n")
+		if got, want := yamlBlock(policy, "  podSelector:\n    matchLabels:\n"), yamlBlock(template, "    metadata:\n      labels:\n"); got == "" || got != want {
+			t.Errorf("%s: the NetworkPolicy selects %q, the pods are labelled %q", m, got, want)
+		}
 	}
+}
+
+// yamlBlock returns the "key: value" lines after head that are indented
+// deeper than head's last line, comments dropped, as one string.
+func yamlBlock(doc, head string) string {
+	_, rest, ok := strings.Cut(doc, head)
+	if !ok {
+		return ""
+	}
+	lines := strings.Split(strings.TrimSuffix(head, "\n"), "\n")
+	indent := len(lines[len(lines)-1]) - len(strings.TrimLeft(lines[len(lines)-1], " "))
+	var kv []string
+	for _, line := range strings.Split(rest, "\n") {
+		if len(line)-len(strings.TrimLeft(line, " ")) <= indent || strings.TrimSpace(line) == "" {
+			break
+		}
+		line, _, _ = strings.Cut(line, "#")
+		kv = append(kv, strings.Join(strings.Fields(line), " "))
+	}
+	return strings.Join(kv, ", ")
 }

@@ -507,6 +507,30 @@ func TestDrainPathForgetsClientsThatLeft(t *testing.T) {
 	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
 }
 
+// TestDrainPathForgetsClientsThatLeftAfterOneMoreByte: once a byte of a
+// next, pipelined request arrives, Go no longer watches for the client's
+// close; a client that sends one and leaves must free its connection too.
+func TestDrainPathForgetsClientsThatLeftAfterOneMoreByte(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	var conns []net.Conn
+	for range 20 {
+		conns = append(conns, drainRequest(t, p.url, "\r\n"))
+	}
+	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	for _, c := range conns {
+		io.WriteString(c, "G")
+	}
+	time.Sleep(100 * time.Millisecond)
+	for _, c := range conns {
+		c.Close()
+	}
+	waitFor(t, "every abandoned waiter to be freed", func() bool {
+		return strings.Count(p.out.String(), "app preStop gave up waiting") == 20
+	})
+	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
+}
+
 func TestProxyPassesNo1xxFromTheApp(t *testing.T) {
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Link", "</evil.css>; rel=preload")
@@ -593,13 +617,21 @@ func TestProxySurvivesAConnectionFlood(t *testing.T) {
 	// Each asks once, then idles on the kept-alive connection.
 	conns := flood(t, addr, 3000, "GET /ready HTTP/1.1\r\nHost: pod\r\n\r\n")
 	time.Sleep(time.Second) // let the proxy take what it will
-	if peak := procStatusKiB(t, cmd.Process.Pid, "VmHWM"); peak > 32<<10 {
-		t.Errorf("peak RSS under 3000 idle connections: %d KiB; want under 32 MiB", peak)
+	// 40 MiB leaves the stopper room under the 64 MiB limit; the figures
+	// measured (21-30 MiB) are in BENCHMARKS.md.
+	const most = 40 << 10
+	if peak := procStatusKiB(t, cmd.Process.Pid, "VmHWM"); peak > most {
+		t.Errorf("peak RSS under 3000 idle connections: %d KiB; want under %d KiB", peak, most)
 	}
 	for _, c := range conns {
 		c.Close()
 	}
 	waitFor(t, "readiness after the flood", func() bool { return probe(url) == 200 })
+	// The peak comes when the flood ends: every connection waiting in the
+	// kernel's queue is then accepted and its request served at once.
+	if peak := procStatusKiB(t, cmd.Process.Pid, "VmHWM"); peak > most {
+		t.Errorf("peak RSS once 3000 idle connections closed: %d KiB; want under %d KiB", peak, most)
+	}
 	released := getDrain(url)
 	if err := newFIFOWriter(fifo).send("drain"); err != nil {
 		t.Fatal(err)
@@ -637,7 +669,7 @@ func TestProxySetsAMemoryLimitUnlessGOMEMLIMITDoes(t *testing.T) {
 	}
 	os.Unsetenv("GOMEMLIMIT")
 	startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo")).stop(t)
-	if got := debug.SetMemoryLimit(-1); got != 32<<20 {
-		t.Errorf("memory limit %d, want 32 MiB, half the sidecar's 64 MiB in k8s.yaml", got)
+	if got := debug.SetMemoryLimit(-1); got != 24<<20 {
+		t.Errorf("memory limit %d, want 24 MiB, well under the sidecar's 64 MiB in k8s.yaml", got)
 	}
 }

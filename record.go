@@ -21,6 +21,11 @@ import (
 	"time"
 )
 
+// recordLockWait bounds the wait for the record's lock. An overlapping run
+// holds it only while it signals and writes a line; whoever holds it longer
+// must not hold back "done", which comes after the drain's own --timeout.
+const recordLockWait = 5 * time.Second
+
 // signalLog is where the record lives.
 type signalLog struct{ path string }
 

@@ -69,6 +69,39 @@ func TestStopperGoesOnWhileAnotherRunHoldsTheRecord(t *testing.T) {
 	}
 }
 
+// TestRecordLockDoesNotOutlastTheTimeout: the lock is waited for after the
+// drain, which may itself have taken --timeout (30 s below the grace
+// period), or with --timeout 0 for ever: whoever holds it must not push the
+// app's SIGTERM and "done" past the kubelet's SIGKILL.
+func TestRecordLockDoesNotOutlastTheTimeout(t *testing.T) {
+	_, port := startTestApp(t)
+	dir := t.TempDir()
+	holdLock(t, filepath.Join(dir, "wsdrain.signalled"))
+	for _, timeout := range []string{"0s", "20s"} {
+		t.Run("timeout="+timeout, func(t *testing.T) {
+			cmd := wsdrainCmd("stopper", "--target-port", strconv.Itoa(int(port)), "--fifo", filepath.Join(dir, "drain.fifo"),
+				"--min-drain", "0s", "--timeout", timeout, "--exit-wait", "0s")
+			var out syncBuffer
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+			select {
+			case <-exited:
+			case <-time.After(15 * time.Second):
+				cmd.Process.Kill()
+				<-exited
+				t.Fatalf("the stopper still waited for the record's lock after 15s (--timeout %s):\n%s", timeout, out.String())
+			}
+			if !strings.Contains(out.String(), "going on without the record's lock") {
+				t.Errorf("the stopper did not say why it went on:\n%s", out.String())
+			}
+		})
+	}
+}
+
 // holdLock takes the lock on the record at path until the test ends.
 func holdLock(t *testing.T, path string) {
 	t.Helper()
@@ -90,30 +123,31 @@ func TestStopperTrustsOnlyItsOwnRecord(t *testing.T) {
 	}
 	tests := []struct {
 		name  string
-		setUp func(t *testing.T, record string, app process) // app: the zero process when none runs
+		setUp func(t *testing.T, record string, app process, port uint16) // app: the zero process when none runs
 		code  int
 		say   string
 	}{
-		{"an unrelated entry does not hide a wrong port", func(t *testing.T, record string, _ process) {
+		{"an unrelated entry does not hide a wrong port", func(t *testing.T, record string, _ process, _ uint16) {
 			writeFile(t, record, "4194000 1\n", 0o600)
 		}, 1, "nothing listens on port"},
-		{"an entry of another port does not hide a wrong port", func(t *testing.T, record string, _ process) {
+		{"an entry of another port does not hide a wrong port", func(t *testing.T, record string, _ process, _ uint16) {
 			writeFile(t, record, fmt.Sprintf("%d 1 port 1\n", os.Getpid()), 0o600)
 		}, 1, "nothing listens on port"},
-		{"a link is not followed", func(t *testing.T, record string, _ process) {
+		{"a link is not followed", func(t *testing.T, record string, _ process, _ uint16) {
 			writeFile(t, record+".elsewhere", "keep me\n", 0o600)
 			if err := os.Symlink(record+".elsewhere", record); err != nil {
 				t.Fatal(err)
 			}
 		}, 0, "signalled app"},
-		{"another user's file is not believed", func(t *testing.T, record string, app process) {
-			writeFile(t, record, fmt.Sprintf("%d %d\n", app.pid, app.start), 0o600)
+		{"another user's file is not believed", func(t *testing.T, record string, app process, port uint16) {
+			// A line the stopper would believe in its own file.
+			writeFile(t, record, fmt.Sprintf("%d %d port %d\n", app.pid, app.start, port), 0o600)
 			if err := os.Chown(record, 65534, 65534); err != nil {
 				t.Fatal(err)
 			}
 		}, 0, "signalled app"},
-		{"a file others may write is not believed", func(t *testing.T, record string, app process) {
-			writeFile(t, record, fmt.Sprintf("%d %d\n", app.pid, app.start), 0o666)
+		{"a file others may write is not believed", func(t *testing.T, record string, app process, port uint16) {
+			writeFile(t, record, fmt.Sprintf("%d %d port %d\n", app.pid, app.start, port), 0o666)
 		}, 0, "signalled app"},
 	}
 	for _, tt := range tests {
@@ -126,7 +160,7 @@ func TestStopperTrustsOnlyItsOwnRecord(t *testing.T) {
 				cmd, port = startTestApp(t)
 				app, _ = procFS{"/proc"}.stat(cmd.Process.Pid)
 			}
-			tt.setUp(t, record, app)
+			tt.setUp(t, record, app, port)
 			before := snapshot(t, dir)
 			out, err := wsdrainCmd("stopper", "--target-port", strconv.Itoa(int(port)), "--fifo", filepath.Join(dir, "drain.fifo"), "--min-drain", "0s").CombinedOutput()
 			if code := exitCodeOf(err); code != tt.code || !strings.Contains(string(out), tt.say) {

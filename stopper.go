@@ -46,8 +46,7 @@ flags:
   -timeout D              signal anyway after this long, so the app gets SIGTERM
                           and not the kubelet's SIGKILL; keep it 30s or so below
                           terminationGracePeriodSeconds; 0 waits for ever and
-                          leaves the end to the kubelet. It also bounds the wait
-                          for an overlapping stopper run's turn (default 0)
+                          leaves the end to the kubelet (default 0)
   -target-process NAME    signal the processes with this /proc/PID/comm instead of
                           the owner of the socket listening on -target-port
   -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
@@ -148,7 +147,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			fs:       fs,
 			finder:   targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
 			record:   signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")},
-			lockWait: cfg.timeout,
+			lockWait: recordLockWait,
 			sig:      cfg.signal,
 			log:      log,
 		},
