@@ -46,8 +46,8 @@ func (r *run) rollingUpdate() error {
 
 	end := deleting.at.Add(10 * time.Second)
 	time.Sleep(time.Until(end))
+	ended := time.Now() // the client starts closing the call
 	stats := c.end()
-	ended := time.Now()
 	r.logf("call ended by the client: %d sent, %d echoed", stats.sent, stats.echoed)
 	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
 	if err != nil {
@@ -79,7 +79,8 @@ func (r *run) signalFigures(wsdrainLog string, ended, gone time.Time) {
 		r.check(name, false, "no \"signalled app\" line in the wsdrain log")
 		return
 	}
-	r.check(name, signalled.Sub(ended) <= time.Second, "%s", ms(signalled.Sub(ended)))
+	d := signalled.Sub(ended)
+	r.check(name, d <= time.Second, "%s", d.Round(100*time.Microsecond))
 	r.check("old pod gone ≤3s after the app's SIGTERM (the kubelet's part)", gone.Sub(signalled) <= 3*time.Second, "%s", ms(gone.Sub(signalled)))
 }
 
@@ -124,8 +125,8 @@ func (r *run) wrapper() error {
 		return err
 	}
 	time.Sleep(7 * time.Second)
+	ended := time.Now() // the client starts closing the call
 	stats := p.call.end()
-	ended := time.Now()
 	r.logf("call ended by the client: %d sent, %d echoed", stats.sent, stats.echoed)
 	gone, err := r.w.waitEvent("gone", p.name, r.start, 60*time.Second)
 	if err != nil {

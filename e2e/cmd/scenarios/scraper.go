@@ -69,8 +69,8 @@ func (r *run) scraperIgnored() error {
 		return err
 	}
 	time.Sleep(time.Until(deleting.at.Add(7 * time.Second))) // past --min-drain
+	ended := time.Now()                                      // the client starts closing the call
 	stats := c.end()
-	ended := time.Now()
 	atEnd := s.snapshot()
 	r.logf("call ended by the client: %s; scraper: %s", stats, atEnd)
 	gone, err := r.w.waitEvent("gone", pod, r.start, 60*time.Second)
@@ -159,7 +159,8 @@ func (s scrapeStats) String() string {
 func startScraper(from, ip string) (*scrapeLoop, error) {
 	s := &scrapeLoop{quit: make(chan struct{}), done: make(chan struct{}), url: "http://" + ip + ":8080/metrics"}
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 2 * time.Second}
-	s.client = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+	// As Prometheus by default: a scrape may take up to 10s on a busy node.
+	s.client = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		MaxIdleConnsPerHost: 1,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			s.mu.Lock()
