@@ -69,7 +69,8 @@ func (r *run) scraperIgnored() error {
 		return err
 	}
 	time.Sleep(time.Until(deleting.at.Add(7 * time.Second))) // past --min-drain
-	ended := time.Now()                                      // the client starts closing the call
+	// The call's end: the client starts closing it.
+	ended := time.Now()
 	stats := c.end()
 	atEnd := s.snapshot()
 	r.logf("call ended by the client: %s; scraper: %s", stats, atEnd)
