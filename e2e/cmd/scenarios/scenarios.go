@@ -18,22 +18,13 @@ import (
 // rollingUpdate: a call on pod A survives "kubectl rollout restart"; A turns
 // unready at once, and is gone soon after the call ends.
 func (r *run) rollingUpdate() error {
-	pod, ip, err := r.pickPod()
-	if err != nil {
-		return err
-	}
-	logs := r.followLogs(pod)
-	c, err := startCall(ip)
+	pod, ip, logs, c, err := r.callOnAPod()
 	if err != nil {
 		return err
 	}
 	r.logf("call started to %s (%s)", pod, ip)
 	time.Sleep(2 * time.Second)
-	if _, err := r.kubectl("rollout", "restart", "deployment/voicebot"); err != nil {
-		return err
-	}
-	r.logf("kubectl rollout restart deployment/voicebot")
-	deleting, err := r.w.waitEvent("deleting", pod, r.start, 5*time.Minute)
+	deleting, err := r.restartUntilDeleting(pod)
 	if err != nil {
 		return err
 	}
@@ -143,6 +134,26 @@ func (r *run) wrapper() error {
 	return nil
 }
 
+// restartUntilDeleting runs "kubectl rollout restart" and waits until the
+// rollout deletes pod.
+func (r *run) restartUntilDeleting(pod string) (event, error) {
+	if _, err := r.kubectl("rollout", "restart", "deployment/voicebot"); err != nil {
+		return event{}, err
+	}
+	r.logf("kubectl rollout restart deployment/voicebot")
+	return r.w.waitEvent("deleting", pod, r.start, 5*time.Minute)
+}
+
+// callOnAPod starts a call to a ready pod and follows its wsdrain log.
+func (r *run) callOnAPod() (pod, ip string, logs *logFollower, c *call, err error) {
+	if pod, ip, err = r.pickPod(); err != nil {
+		return
+	}
+	logs = r.followLogs(pod)
+	c, err = startCall(ip)
+	return
+}
+
 // doomedPod is a pod deleted while a call to it is open.
 type doomedPod struct {
 	name    string
@@ -157,12 +168,7 @@ func (r *run) callThenDelete(why string) (doomedPod, error) {
 	if err := r.waitReady(2); err != nil {
 		return doomedPod{}, err
 	}
-	pod, ip, err := r.pickPod()
-	if err != nil {
-		return doomedPod{}, err
-	}
-	logs := r.followLogs(pod)
-	c, err := startCall(ip)
+	pod, _, logs, c, err := r.callOnAPod()
 	if err != nil {
 		return doomedPod{}, err
 	}

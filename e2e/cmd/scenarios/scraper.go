@@ -42,12 +42,7 @@ func (r *run) scraperIgnored() error {
 	if err := r.waitReady(2); err != nil {
 		return err
 	}
-	pod, ip, err := r.pickPod()
-	if err != nil {
-		return err
-	}
-	logs := r.followLogs(pod)
-	c, err := startCall(ip)
+	pod, ip, logs, c, err := r.callOnAPod()
 	if err != nil {
 		return err
 	}
@@ -60,11 +55,7 @@ func (r *run) scraperIgnored() error {
 	time.Sleep(2500 * time.Millisecond) // the proxy's count is at most a second old
 	n, err := proxyConnections(ip)
 	r.check("wsdrain_connections on the pod's /metrics during the call, scraper connected", err == nil && n == "1", "%s%v", n, errOrNil(err))
-	if _, err := r.kubectl("rollout", "restart", "deployment/voicebot"); err != nil {
-		return err
-	}
-	r.logf("kubectl rollout restart deployment/voicebot")
-	deleting, err := r.w.waitEvent("deleting", pod, r.start, 5*time.Minute)
+	deleting, err := r.restartUntilDeleting(pod)
 	if err != nil {
 		return err
 	}
