@@ -24,7 +24,8 @@ LABEL org.opencontainers.image.title="wsdrain" \
       org.opencontainers.image.version="$VERSION" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/wsdrain /wsdrain
-# Numeric, so runAsNonRoot can verify it. In the pod, set runAsUser to the
-# app's UID: the stopper may only signal and inspect processes of its own UID.
+# Numeric, so runAsNonRoot can verify it. k8s.yaml runs the sidecar as this
+# user; only k8s-shared-pid.yaml sets runAsUser to the app's UID, as the
+# stopper may only signal and inspect processes of its own UID.
 USER 65532:65532
 ENTRYPOINT ["/wsdrain"]

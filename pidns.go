@@ -6,8 +6,10 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 )
 
@@ -40,12 +42,57 @@ func pidNamespaceName(own bool) string {
 // signal itself. The stopper signals nothing; it waits for the app's exit
 // only so that the proxy, stopped after this hook returns, outlives the app.
 func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
+	// Before the release, as the shared shape looks for the port's owner:
+	// with nothing listening, the counts were of a port the app does not
+	// serve (a wrong --target-port, say), and a zero of them proves nothing.
+	listening, lerr := s.listening()
 	if err := s.notify("done"); err != nil {
 		s.log.Warn("could not release the app's preStop", "err", err)
 	}
+	if lerr == nil && !listening {
+		// A repeated hook (the kubelet restarted mid-termination, say) finds
+		// the app gone after the run that released it; that is no error.
+		if s.releasedEarlier(ctx) {
+			s.log.Info("app already gone after an earlier stopper run released its preStop")
+			return nil
+		}
+		err := hintError{fmt.Errorf("nothing listens on port %d", s.cfg.port),
+			"set --target-port to the port the app takes its calls on: the drain counted the connections of this one"}
+		s.log.Error("could not see the app", "err", err)
+		return err
+	}
+	s.recordRelease(ctx)
 	s.log.Info("not signalling the app: the PID namespace is not shared, so the kubelet delivers the stop signal when the app's preStop returns")
 	s.listenerGone(ctx, s.cfg.exitWait)
 	return nil
+}
+
+// releaseTarget is how the record names a release made while the app
+// listened: a line "0 0 released port N" names no process, so the shared
+// shape's runs, whose target is "port N", never take it for one.
+func (s *stopper) releaseTarget() string { return "released port " + strconv.Itoa(int(s.cfg.port)) }
+
+// recordRelease notes that this run released the app's preStop while the
+// app listened, so that a repeated run that finds it gone is no error.
+func (s *stopper) recordRelease(ctx context.Context) {
+	if s.record.path == "" {
+		return
+	}
+	rec := s.record.open(ctx, recordLockWait, s.log)
+	defer rec.close()
+	if err := rec.add([]process{{}}, s.releaseTarget()); err != nil {
+		s.log.Warn("could not record the release; a repeated hook will report an error", "err", err)
+	}
+}
+
+// releasedEarlier reports whether an earlier run recorded a release.
+func (s *stopper) releasedEarlier(ctx context.Context) bool {
+	if s.record.path == "" {
+		return false
+	}
+	rec := s.record.open(ctx, recordLockWait, s.log)
+	defer rec.close()
+	return len(rec.signalledAs(s.releaseTarget())) > 0
 }
 
 // listenerGone waits until nothing listens on the app's port, up to limit,

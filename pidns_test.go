@@ -27,15 +27,15 @@ func TestStopperInItsOwnPIDNamespaceSignalsNothing(t *testing.T) {
 	}{
 		{"done at zero; exit seen when the listener closes", []countResult{{2, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {0, nil}},
 			[]countResult{{1, nil}, {1, nil}, {1, nil}, {0, nil}}, 6 * time.Second,
-			[]string{"pid_namespace=private", "the kubelet delivers the stop signal", `msg="app exited" within=300ms`}},
+			[]string{"pid_namespace=private", "the kubelet delivers the stop signal", `msg="app exited" within=200ms`}},
 		{"done at -timeout with a call open", []countResult{{1, nil}},
-			[]countResult{{0, nil}}, 30 * time.Second,
+			[]countResult{{1, nil}, {0, nil}}, 30 * time.Second,
 			[]string{"drain timeout", "connections=1", `msg="app exited" within=0s`}},
 		{"an app that keeps listening is left to the kubelet after -exit-wait", []countResult{{0, nil}},
 			[]countResult{{1, nil}}, 5 * time.Second,
 			[]string{"app still listening; the kubelet takes over", "waited=10s"}},
 		{"a failed lookup is not an exit", []countResult{{0, nil}},
-			[]countResult{{1, nil}, {0, lookupFailed}, {0, lookupFailed}, {0, nil}}, 5 * time.Second,
+			[]countResult{{1, nil}, {1, nil}, {0, lookupFailed}, {0, lookupFailed}, {0, nil}}, 5 * time.Second,
 			[]string{`msg="app exited" within=300ms`}},
 	}
 	for _, tt := range tests {
@@ -86,6 +86,71 @@ func TestStopperInItsOwnPIDNamespaceSignalsNothing(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestStopperInItsOwnPIDNamespaceRefusesAPortNobodyListensOn: a wrong
+// --target-port counts zero at once; in the shared shape that is the error
+// "nothing listens on port N", and here too it must not pass for a drain
+// and an exit ("app exited within=0s", exit 0) while the app's real port
+// still holds calls.
+func TestStopperInItsOwnPIDNamespaceRefusesAPortNobodyListensOn(t *testing.T) {
+	clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	var events []string
+	var log strings.Builder
+	s := &stopper{
+		cfg:             stopperConfig{port: 8090, interval: time.Second, minDrain: 5 * time.Second, exitWait: 10 * time.Second},
+		log:             slog.New(slog.NewTextHandler(&log, nil)),
+		count:           func() (tally, error) { return tally{}, nil },
+		notify:          func(msg string) error { events = append(events, msg); return nil },
+		now:             clock.now,
+		sleep:           clock.sleep,
+		app:             &recordingApp{clock: clock, events: &events},
+		ownPIDNamespace: true,
+		listening:       func() (bool, error) { return false, nil },
+	}
+	err := s.run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "nothing listens on port 8090") {
+		t.Errorf("stopper on a port nobody listens on: %v; want the error, as in the shared shape\n%s", err, &log)
+	}
+	if strings.Contains(log.String(), "app exited") {
+		t.Errorf("the log claims the app exited:\n%s", &log)
+	}
+	if !slices.Equal(events, []string{"drain", "done"}) {
+		t.Errorf("events %q; want drain, then done (the app's preStop released all the same)", events)
+	}
+}
+
+// TestStopperInItsOwnPIDNamespaceRunTwice: a hook run again after the app
+// exited (the kubelet restarted mid-termination, say) finds nothing
+// listening; the record of the first run's release makes that no error.
+func TestStopperInItsOwnPIDNamespaceRunTwice(t *testing.T) {
+	record := signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")}
+	for i, appListens := range []bool{true, false} {
+		clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+		var events []string
+		var log strings.Builder
+		lookups := 0
+		s := &stopper{
+			cfg:    stopperConfig{port: 8080, interval: time.Second, exitWait: time.Second},
+			log:    slog.New(slog.NewTextHandler(&log, nil)),
+			count:  func() (tally, error) { return tally{}, nil },
+			notify: func(msg string) error { events = append(events, msg); return nil },
+			now:    clock.now, sleep: clock.sleep,
+			app:             &recordingApp{clock: clock, events: &events},
+			ownPIDNamespace: true,
+			record:          record,
+			listening: func() (bool, error) {
+				lookups++
+				return appListens && lookups == 1, nil // the first run's app exits on its release
+			},
+		}
+		if err := s.run(context.Background()); err != nil {
+			t.Fatalf("run %d: %v\n%s", i+1, err, &log)
+		}
+		if !slices.Equal(events, []string{"drain", "done"}) {
+			t.Errorf("run %d: events %q", i+1, events)
+		}
 	}
 }
 

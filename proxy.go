@@ -1,7 +1,8 @@
 // proxy.go is the readiness proxy: it passes the app's health verdict on to
 // the kubelet until the stopper says the pod is draining, then answers 503 so
 // that no new call is routed to this pod. It also holds the app's preStop
-// (GET /drain) until the stopper has signalled the app.
+// (GET /drain) until the stopper is done: it has signalled the app or, in a
+// PID namespace of its own, seen the last call end or its --timeout.
 
 package main
 
@@ -30,7 +31,7 @@ Answers the app container's readinessProbe. Until a drain begins, every GET or
 HEAD asks -health-url and passes its status on (a failure or no answer within
 -health-timeout gives 503). Once the stopper writes "drain" to -fifo, every
 answer is 503 for the rest of the proxy's life. GET /drain is the app's
-preStop: it answers only when the stopper has signalled the app, the proxy
+preStop: it answers only when the stopper is done ("done" on the pipe), the proxy
 stops, or no drain began within -drain-start-wait (a GET /drain with a body
 gets 400). Only the app's final status, its Content-Type and at most 4 KiB of
 its body are passed on.

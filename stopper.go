@@ -133,6 +133,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	events, unsubscribe := subscribeIfNetlink(source.name(), cfg.port, log)
 	defer unsubscribe()
+	record := signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")}
 	s := &stopper{
 		cfg:    cfg,
 		log:    log,
@@ -146,12 +147,13 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		app: &appSignaller{
 			fs:       fs,
 			finder:   targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
-			record:   signalLog{path: filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.signalled")},
+			record:   record,
 			lockWait: recordLockWait,
 			sig:      cfg.signal,
 			log:      log,
 		},
 		ownPIDNamespace: fs.ownPIDNamespace(),
+		record:          record,
 		listening: func() (bool, error) {
 			inodes, err := source.listeners(cfg.port)
 			return len(inodes) > 0, err
@@ -220,6 +222,7 @@ type stopper struct {
 	// listening then tells when the app has exited.
 	ownPIDNamespace bool
 	listening       func() (bool, error)
+	record          signalLog // notes a release there, for a repeated run; no path: nowhere
 
 	// The rate limit of counts that answer events (owed).
 	debt   time.Duration

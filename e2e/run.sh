@@ -248,7 +248,10 @@ rm -rf "$W/buildah"
 # The bridge is made here, not by CNI, so that the kubelet can serve on its
 # address: reachable from this host and its pods only.
 if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-  ip link add "$BRIDGE" type bridge && touch "$W/bridge.ours"
+  # A fixed MAC: a bridge with a random one takes the lowest of its ports',
+  # and changes it as pods come and go; the pods' ARP entries for this host
+  # then point at a MAC that is gone, and its traffic stalls for seconds.
+  ip link add "$BRIDGE" address 02:77:77:00:00:01 type bridge && touch "$W/bridge.ours"
   ip addr add "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
 fi
