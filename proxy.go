@@ -62,14 +62,7 @@ GET /metrics answers in the Prometheus text format: wsdrain_connections (the
 calls now, counted at scrape time as the stopper counts them, so give these
 the stopper's values), wsdrain_draining, wsdrain_app_healthy and
 wsdrain_build_info. It never asks the app; scrapes share one count a second.
-  -target-port N          the app's port (default 8080)
-  -source S               netlink, proc or auto (default auto: netlink unless refused)
-  -ignore-peer CIDR       connections from this network are not calls; repeatable;
-                          an IPv4 network also matches IPv4-mapped IPv6 remotes
-  -ignore-idle D          connections with no data either way for D are not calls;
-                          D at least 1s and above the app's own ping period; needs
-                          netlink (default 0: off)
-`
+` + countFlagsHelp
 
 // maxConns bounds the proxy's connections, and with them its memory (up to
 // about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The kubelet needs a few: a

@@ -452,15 +452,20 @@ example:
   kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
 
 flags:
-  -target-port N       the app's port (default 8080)
-  -source S            netlink, proc or auto (default auto: netlink unless refused)
-  -ignore-peer CIDR    connections from this network are not calls; repeatable;
-                       an IPv4 network also matches IPv4-mapped IPv6 remotes
-  -ignore-idle D       connections with no data either way for D are not calls;
-                       D at least 1s and above the app's own ping period; needs
-                       netlink (default 0: off)
-
+` + countFlagsHelp + `
 exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
+`
+
+// countFlagsHelp is the help of the flags that say what counts as a call,
+// the same for count and for the proxy's GET /metrics, which must count as
+// the stopper does.
+const countFlagsHelp = `  -target-port N          the app's port (default 8080)
+  -source S               netlink, proc or auto (default auto: netlink unless refused)
+  -ignore-peer CIDR       connections from this network are not calls; repeatable;
+                          an IPv4 network also matches IPv4-mapped IPv6 remotes
+  -ignore-idle D          connections with no data either way for D are not calls;
+                          D at least 1s and above the app's own ping period; needs
+                          netlink (default 0: off)
 `
 
 func runCount(args []string, stdout, stderr io.Writer) error {
