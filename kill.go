@@ -216,8 +216,9 @@ func (t targetFinder) name() string {
 
 // find returns the app's server processes. By default these own the LISTEN
 // socket on the port, which also gets past npm, yarn or "sh -c" wrappers
-// that would not pass a signal on.
-func (t targetFinder) find() ([]process, error) {
+// that would not pass a signal on; ahead is a search made earlier (or nil),
+// which spares reading what has not changed since.
+func (t targetFinder) find(ahead *listenerScan) ([]process, error) {
 	if t.comm != "" {
 		ps, err := t.fs.byComm(t.comm)
 		if err != nil {
@@ -229,7 +230,7 @@ func (t targetFinder) find() ([]process, error) {
 		}
 		return ps, nil
 	}
-	ps, _, err := t.findOwners(nil)
+	ps, _, err := t.findOwners(ahead)
 	return ps, err
 }
 
@@ -339,7 +340,7 @@ type appSignaller struct {
 	fs       procFS
 	finder   targetFinder
 	record   signalLog
-	lockWait time.Duration // how long an overlapping run may keep the record: --timeout, 0 for ever
+	lockWait time.Duration // how long an overlapping run may keep the record: recordLockWait; 0 for ever
 	sig      syscall.Signal
 	log      *slog.Logger
 	ahead    *listenerScan // found while the drain ran (prepare)
@@ -354,15 +355,6 @@ func (a *appSignaller) prepare() {
 	}
 }
 
-// find is the finder's answer, starting from what prepare found.
-func (a *appSignaller) find() ([]process, error) {
-	if a.finder.comm != "" {
-		return a.finder.find()
-	}
-	ps, _, err := a.finder.findOwners(a.ahead)
-	return ps, err
-}
-
 // signal sends the signal to every target not signalled by an earlier run
 // and returns the targets that are still to exit. What it signalled is
 // recorded even when a later signal fails.
@@ -370,7 +362,7 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
 	target := a.finder.name()
-	targets, err := a.find()
+	targets, err := a.finder.find(a.ahead)
 	if err != nil {
 		return a.signalledEarlier(rec.signalledAs(target), err)
 	}

@@ -53,16 +53,16 @@ func TestFindsTheListenerOwner(t *testing.T) {
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 	fs := procFS{"/proc"}
 	f := targetFinder{fs: fs, source: newProcSource(), port: port}
-	got, err := f.find()
+	got, err := f.find(nil)
 	if err != nil || len(got) != 1 || got[0].pid != os.Getpid() {
 		t.Fatalf("find = %+v, %v; want this test process %d", got, err, os.Getpid())
 	}
 	f.protect = fs.ancestors(os.Getpid())
-	if got, err := f.find(); err == nil {
+	if got, err := f.find(nil); err == nil {
 		t.Fatalf("find returned the stopper's own process %+v", got)
 	}
 	f.port = port + 1
-	if _, err := f.find(); err == nil || !strings.Contains(err.Error(), "nothing listens") {
+	if _, err := f.find(nil); err == nil || !strings.Contains(err.Error(), "nothing listens") {
 		t.Fatalf("find on an unused port: %v", err)
 	}
 }
