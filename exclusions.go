@@ -64,29 +64,43 @@ const maxPeers = 32
 // merely paused (a silent participant, a slow reader) would stop counting.
 const minIdle = time.Second
 
-// exclusionFlags are --ignore-peer and --ignore-idle, for every mode that counts.
-type exclusionFlags struct {
-	peers peerList
-	idle  durationFlag
+// calls says what counts as a call; proxy, stopper and count share its flags,
+// so that /metrics and count show what the stopper waits for.
+type calls struct {
+	port    uint16
+	source  sourceFlag
+	exclude exclusions
 }
 
-func addExclusionFlags(fs *flag.FlagSet) *exclusionFlags {
-	f := &exclusionFlags{idle: durationFlag{allowZero: true}}
-	fs.Var(&f.peers, "ignore-peer", "")
-	fs.Var(&f.idle, "ignore-idle", "")
+type callFlags struct {
+	port   portFlag
+	source sourceFlag
+	peers  peerList
+	idle   durationFlag
+}
+
+func addCallFlags(fs *flag.FlagSet) *callFlags {
+	f := &callFlags{port: 8080, source: "auto", idle: durationFlag{allowZero: true}}
+	fs.Var(&f.port, "target-port", "the app's `port`: connections on it are the calls")
+	fs.Var(&f.source, "source", "the counts' `source`: netlink (sock_diag), proc (/proc/net/tcp and tcp6), or auto: netlink unless refused")
+	fs.Var(&f.peers, "ignore-peer", "connections from this `CIDR` are not calls: a metrics scraper, a mesh proxy's pool; repeatable; an IPv4 network also matches IPv4-mapped remotes")
+	fs.Var(&f.idle, "ignore-idle", "connections idle for this `duration` are not calls: no data either way and none queued; at least 1s, above the app's own ping period; needs netlink")
 	return f
 }
 
-// exclusions checks the flags against --source: only sock_diag tells when
-// data last moved on a connection.
-func (f *exclusionFlags) exclusions(mode string, source sourceFlag) (exclusions, error) {
+// calls checks the flags together. Only sock_diag shows when data last moved,
+// so --ignore-idle makes auto mean netlink: one place decides it.
+func (f *callFlags) calls(mode string) (calls, error) {
+	c := calls{port: uint16(f.port), source: f.source, exclude: exclusions{peers: f.peers, idle: f.idle.d}}
 	switch {
-	case f.idle.d > 0 && f.idle.d < minIdle:
-		return exclusions{}, usageError{fmt.Errorf("%s: invalid value %q for flag -ignore-idle: want at least %v, above the app's own keep-alive or ping period", mode, f.idle.d, minIdle)}
-	case f.idle.d > 0 && source == "proc":
-		return exclusions{}, usageError{fmt.Errorf("%s: -ignore-idle needs -source netlink or auto: /proc/net/tcp does not show when data last moved on a connection", mode)}
+	case c.exclude.idle > 0 && c.exclude.idle < minIdle:
+		return calls{}, usageError{fmt.Errorf("%s: invalid value %q for flag --ignore-idle: want at least %v, above the app's own keep-alive or ping period", mode, f.idle.d, minIdle)}
+	case c.exclude.idle > 0 && c.source == "proc":
+		return calls{}, usageError{fmt.Errorf("%s: --ignore-idle needs --source netlink or auto: /proc/net/tcp does not show when data last moved on a connection", mode)}
+	case c.exclude.idle > 0:
+		c.source = "netlink"
 	}
-	return exclusions{peers: f.peers, idle: f.idle.d}, nil
+	return c, nil
 }
 
 // peerList is --ignore-peer, which may be given many times.

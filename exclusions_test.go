@@ -69,11 +69,11 @@ func TestExclusionFlagsUsage(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"not a network", []string{"--ignore-peer", "scraper"}, `invalid value "scraper" for flag -ignore-peer`},
+		{"not a network", []string{"--ignore-peer", "scraper"}, `invalid value "scraper" for flag --ignore-peer`},
 		{"host bits set", []string{"--ignore-peer", "10.1.2.3/8"}, "did you mean 10.0.0.0/8?"},
 		{"everything", []string{"--ignore-peer", "0.0.0.0/0"}, "leaves no call"},
 		{"idle below a second", []string{"--ignore-idle", "500ms"}, "want at least 1s"},
-		{"idle from /proc", []string{"--ignore-idle", "30s", "--source", "proc"}, "/proc/net/tcp does not show when data last moved"},
+		{"idle from /proc", []string{"--ignore-idle", "30s", "--source", "proc"}, "--ignore-idle needs --source netlink or auto"},
 		{"negative idle", []string{"--ignore-idle", "-1s"}, "must not be negative"},
 	}
 	for _, mode := range [][]string{{"count"}, {"stopper", "--fifo", fifo}, {"proxy", "--fifo", fifo}} {

@@ -53,7 +53,7 @@ func ensureFIFO(path string) error {
 // checkOwnFIFO refuses anything but a named pipe of our own that no other
 // user may write: whoever can write it can drain the pod.
 func checkOwnFIFO(path string, fi os.FileInfo) error {
-	const hint = "point -fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"
+	const hint = "point --fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"
 	if fi.Mode()&os.ModeNamedPipe == 0 {
 		return hintError{fmt.Errorf("fifo %s exists and is not a named pipe", path), hint}
 	}

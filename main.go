@@ -130,15 +130,31 @@ func parseFlags(fs *flag.FlagSet, help string, args []string, out io.Writer) err
 	err := fs.Parse(args)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprint(out, help)
+		printFlags(out, fs)
 		return errHelp
 	}
 	if err != nil {
-		return usageError{fmt.Errorf("%s: %v", fs.Name(), err)}
+		return usageError{fmt.Errorf("%s: %s", fs.Name(), dashes.Replace(err.Error()))}
 	}
 	if fs.NArg() > 0 {
 		return usageError{fmt.Errorf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
 	}
 	return nil
+}
+
+// dashes spells the flag package's flags as wsdrain does everywhere: --flag.
+var dashes = strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --")
+
+// printFlags lists fs's flags with their usage and defaults.
+func printFlags(out io.Writer, fs *flag.FlagSet) {
+	fmt.Fprintln(out, "\nflags:")
+	fs.VisitAll(func(f *flag.Flag) {
+		arg, usage := flag.UnquoteUsage(f)
+		if f.DefValue != "" && f.DefValue != "0s" && f.DefValue != "[]" {
+			usage += " (default " + f.DefValue + ")"
+		}
+		fmt.Fprintf(out, "  --%s %s\n      %s\n", f.Name, arg, usage)
+	})
 }
 
 // errHelp ends a mode after it printed its help; run turns it into success.
@@ -185,7 +201,7 @@ func (f *durationFlag) Set(s string) error {
 func parseHealthURL(s string) (*url.URL, error) {
 	u, err := url.Parse(s)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, usageError{fmt.Errorf("proxy: invalid value %q for flag -health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", s)}
+		return nil, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", s)}
 	}
 	return u, nil
 }
@@ -195,7 +211,7 @@ func parseHealthURL(s string) (*url.URL, error) {
 func parseSignal(s string) (syscall.Signal, error) {
 	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
 	if !ok {
-		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag -signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
+		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag --signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
 	}
 	return sig, nil
 }

@@ -47,7 +47,7 @@ func TestCommandLine(t *testing.T) {
 		{"help names every mode", []string{"-h"}, 0, "wsdrain count", ""},
 		{"unknown mode", []string{"drain"}, 2, "", `unknown mode "drain"`},
 		{"version", []string{"version"}, 0, "wsdrain ", ""},
-		{"mode help", []string{"stopper", "-h"}, 0, "-min-drain", ""},
+		{"mode help", []string{"stopper", "-h"}, 0, "--min-drain", ""},
 		{"unknown flag", []string{"stopper", "--bogus"}, 2, "", "-bogus"},
 		{"port not a number", []string{"stopper", "--target-port", "http"}, 2, "", "-target-port"},
 		{"port out of range", []string{"count", "--target-port", "65536"}, 2, "", "-target-port"},

@@ -39,15 +39,15 @@ type metricsHandler struct {
 // newProxyMetrics counts through the source the flags pick. Where it cannot
 // be opened the proxy still serves probes, and /metrics leaves the count out.
 func newProxyMetrics(cfg proxyConfig, p *proxy, log *slog.Logger) *metricsHandler {
-	m := &metricsHandler{port: cfg.targetPort, draining: p.isDraining, lastHealth: p.lastHealth.Load, now: time.Now, log: log}
-	src, err := openSource(cfg.source, cfg.exclude, func(msg string, err error) { log.Warn(msg, "err", err) })
+	m := &metricsHandler{port: cfg.port, draining: p.isDraining, lastHealth: p.lastHealth.Load, now: time.Now, log: log}
+	src, err := openSource(cfg.calls, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
 		log.Error("metrics: cannot count connections; wsdrain_connections left out", "err", err)
 		m.count = func() (tally, error) { return tally{}, err }
 		return m
 	}
-	log.Info("metrics: counting calls", "target_port", cfg.targetPort, "counts_from", src.name(), "not_calls", cfg.exclude.String())
-	m.count = func() (tally, error) { return src.established(cfg.targetPort, cfg.exclude) }
+	log.Info("metrics: counting calls", "target_port", cfg.port, "counts_from", src.name(), "not_calls", cfg.exclude.String())
+	m.count = func() (tally, error) { return src.established(cfg.port, cfg.exclude) }
 	return m
 }
 
@@ -60,7 +60,7 @@ func (m *metricsHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t, err := m.calls()
 	var b strings.Builder
 	if err == nil {
-		gauge(&b, "wsdrain_connections", "Calls on the app's port now: ESTABLISHED connections less those that -ignore-peer and -ignore-idle leave out.",
+		gauge(&b, "wsdrain_connections", "Calls on the app's port now: ESTABLISHED connections less those that --ignore-peer and --ignore-idle leave out.",
 			fmt.Sprintf(`port="%d"`, m.port), t.calls)
 	}
 	gauge(&b, "wsdrain_draining", "1 once the stopper has begun the drain and readiness answers 503.", "", boolValue(m.draining()))

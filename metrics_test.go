@@ -40,7 +40,7 @@ func TestMetricsFormat(t *testing.T) {
 	t.Cleanup(func() { version = old })
 	m := testMetrics(func() (tally, error) { return tally{calls: 3, excludedPeer: 1, excludedIdle: 2}, nil }, false, 200)
 	resp, body := scrape(t, m, "GET")
-	want := `# HELP wsdrain_connections Calls on the app's port now: ESTABLISHED connections less those that -ignore-peer and -ignore-idle leave out.
+	want := `# HELP wsdrain_connections Calls on the app's port now: ESTABLISHED connections less those that --ignore-peer and --ignore-idle leave out.
 # TYPE wsdrain_connections gauge
 wsdrain_connections{port="8080"} 3
 # HELP wsdrain_draining 1 once the stopper has begun the drain and readiness answers 503.

@@ -99,7 +99,7 @@ func TestStopperInItsOwnPIDNamespaceRefusesAPortNobodyListensOn(t *testing.T) {
 	var events []string
 	var log strings.Builder
 	s := &stopper{
-		cfg:             stopperConfig{port: 8090, interval: time.Second, minDrain: 5 * time.Second, exitWait: 10 * time.Second},
+		cfg:             stopperConfig{calls: calls{port: 8090}, interval: time.Second, minDrain: 5 * time.Second, exitWait: 10 * time.Second},
 		log:             slog.New(slog.NewTextHandler(&log, nil)),
 		count:           func() (tally, error) { return tally{}, nil },
 		notify:          func(msg string) error { events = append(events, msg); return nil },
@@ -132,7 +132,7 @@ func TestStopperInItsOwnPIDNamespaceRunTwice(t *testing.T) {
 		var log strings.Builder
 		lookups := 0
 		s := &stopper{
-			cfg:    stopperConfig{port: 8080, interval: time.Second, exitWait: time.Second},
+			cfg:    stopperConfig{calls: calls{port: 8080}, interval: time.Second, exitWait: time.Second},
 			log:    slog.New(slog.NewTextHandler(&log, nil)),
 			count:  func() (tally, error) { return tally{}, nil },
 			notify: func(msg string) error { events = append(events, msg); return nil },

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 )
 
 // The testdata tables are captures of a real kernel's /proc/net/tcp and tcp6
@@ -168,11 +167,5 @@ func TestCountEstablishedLeavesOutPeers(t *testing.T) {
 				t.Fatalf("%+v, %v; want %+v", got, err, tt.want)
 			}
 		})
-	}
-}
-
-func TestProcSourceRefusesIdle(t *testing.T) {
-	if _, err := newProcSource().established(8080, exclusions{idle: time.Minute}); err == nil {
-		t.Fatal("the /proc source counted with -ignore-idle; it cannot see idleness")
 	}
 }

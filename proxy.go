@@ -27,42 +27,19 @@ import (
 
 const proxyHelp = `usage: wsdrain proxy [flags]
 
-Answers the app container's readinessProbe. Until a drain begins, every GET or
-HEAD asks -health-url and passes its status on (a failure or no answer within
--health-timeout gives 503). Once the stopper writes "drain" to -fifo, every
-answer is 503 for the rest of the proxy's life. GET /drain is the app's
-preStop: it answers only when the stopper is done ("done" on the pipe), the proxy
-stops, or no drain began within -drain-start-wait (a GET /drain with a body
-gets 400). Only the app's final status, its Content-Type and at most 4 KiB of
-its body are passed on.
-
-At most 256 connections are served at once (the rest wait in the kernel's
-queue), idle ones are closed after 5s, and the Go runtime keeps its memory
-under 24MiB unless GOMEMLIMIT is set: the sidecar's limit in k8s.yaml is 64Mi.
+Answers the app container's readinessProbe with the verdict of --health-url
+(its status only, with its Content-Type and at most 4 KiB of its body), until
+the stopper writes "drain" to --fifo: from then on every answer is 503.
+GET /drain is the app's preStop: it answers only when the stopper is done, the
+proxy stops, or no drain began within --drain-start-wait. GET /metrics gives
+wsdrain_connections (counted as the stopper counts: give the proxy the
+stopper's --target-port and --ignore flags), wsdrain_draining,
+wsdrain_app_healthy and wsdrain_build_info. The Go runtime keeps its memory
+under 24MiB unless GOMEMLIMIT is set.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
-
-flags:
-  -listen ADDR            address to serve probes on (default :8081)
-  -health-url URL         the app's health endpoint; the only URL ever asked
-                          (default http://127.0.0.1:8080/healthz)
-  -fifo PATH              drain pipe, created (mode 0600) if missing; an existing
-                          one must be this user's, writable by no one else; put
-                          it on an emptyDir mounted in the sidecar only
-                          (default /run/wsdrain/drain.fifo)
-  -health-timeout D       how long to wait for the app's answer; below the
-                          kubelet's 1s probe timeout so the verdict is ours (default 800ms)
-  -drain-start-wait D     how long GET /drain waits for a drain to begin before
-                          it answers 200 anyway: the app's preStop also runs when
-                          only the app container restarts (a failed liveness
-                          probe), and then no stopper runs; 0 waits for ever (default 30s)
-
-GET /metrics answers in the Prometheus text format: wsdrain_connections (the
-calls now, counted at scrape time as the stopper counts them, so give these
-the stopper's values), wsdrain_draining, wsdrain_app_healthy and
-wsdrain_build_info. It never asks the app; scrapes share one count a second.
-` + countFlagsHelp
+`
 
 // maxConns bounds the proxy's connections, and with them its memory (up to
 // about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The kubelet needs a few: a
@@ -86,34 +63,28 @@ func limitMemory() {
 }
 
 type proxyConfig struct {
+	calls          // for /metrics
 	listen         string
 	healthURL      *url.URL
 	fifo           string
 	healthTimeout  time.Duration
 	drainStartWait time.Duration
-	targetPort     uint16 // for /metrics, with source and exclude
-	source         sourceFlag
-	exclude        exclusions
 }
 
 func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
-	listen := fs.String("listen", ":8081", "")
-	health := fs.String("health-url", "http://127.0.0.1:8080/healthz", "")
-	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "")
+	listen := fs.String("listen", ":8081", "the `address` to serve probes on")
+	health := fs.String("health-url", "http://127.0.0.1:8080/healthz", "the app's health endpoint, the only `URL` the proxy ever asks")
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the drain `pipe`, created (mode 0600) if missing; on an emptyDir that only the sidecar mounts")
 	timeout := durationFlag{d: 800 * time.Millisecond}
 	startWait := durationFlag{d: 30 * time.Second, allowZero: true}
-	fs.Var(&timeout, "health-timeout", "")
-	fs.Var(&startWait, "drain-start-wait", "")
-	port := portFlag(8080)
-	fs.Var(&port, "target-port", "")
-	source := sourceFlag("auto")
-	fs.Var(&source, "source", "")
-	exclude := addExclusionFlags(fs)
+	fs.Var(&timeout, "health-timeout", "wait this `duration` at most for the app's answer; below the kubelet's 1s probe timeout")
+	fs.Var(&startWait, "drain-start-wait", "GET /drain answers anyway when no drain began within this `duration`: a preStop also runs when only the app restarts; 0 waits for ever")
+	flags := addCallFlags(fs)
 	if err := parseFlags(fs, proxyHelp, args, stdout); err != nil {
 		return proxyConfig{}, err
 	}
-	ex, err := exclude.exclusions("proxy", source)
+	c, err := flags.calls("proxy")
 	if err != nil {
 		return proxyConfig{}, err
 	}
@@ -125,15 +96,15 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 		return proxyConfig{}, err
 	}
 	if *fifo == "" {
-		return proxyConfig{}, usageError{errors.New("proxy: flag -fifo must not be empty")}
+		return proxyConfig{}, usageError{errors.New("proxy: flag --fifo must not be empty")}
 	}
-	return proxyConfig{*listen, u, *fifo, timeout.d, startWait.d, uint16(port), source, ex}, nil
+	return proxyConfig{calls: c, listen: *listen, healthURL: u, fifo: *fifo, healthTimeout: timeout.d, drainStartWait: startWait.d}, nil
 }
 
 func checkListenAddr(addr string) error {
 	_, port, err := net.SplitHostPort(addr)
 	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
-		return usageError{fmt.Errorf("proxy: invalid value %q for flag -listen: want HOST:PORT or :PORT with a port from 1 to 65535", addr)}
+		return usageError{fmt.Errorf("proxy: invalid value %q for flag --listen: want HOST:PORT or :PORT with a port from 1 to 65535", addr)}
 	}
 	return nil
 }

@@ -6,7 +6,6 @@ package main
 
 import (
 	"errors"
-	"fmt"
 	"runtime"
 )
 
@@ -21,26 +20,22 @@ type socketSource interface {
 // any system so that its portable tests run on a developer's machine.
 var errLinuxOnly = errors.New("wsdrain runs on Linux: it counts connections through netlink sock_diag or /proc/net/tcp")
 
-// openSource picks where counts come from: "netlink", "proc", or "auto",
-// which is netlink unless the kernel or a sandbox (gVisor, a seccomp
-// profile) refuses it; then warn is told why /proc is used instead.
-// --ignore-idle has no /proc fallback: the tables do not show idleness.
-func openSource(kind sourceFlag, ex exclusions, warn func(msg string, err error)) (socketSource, error) {
+// openSource opens the source c names; auto is netlink unless the kernel or
+// a sandbox (gVisor, a seccomp profile) refuses it, and then warn is told
+// why /proc is used instead.
+func openSource(c calls, warn func(msg string, err error)) (socketSource, error) {
 	if runtime.GOOS != "linux" {
 		return nil, errLinuxOnly
 	}
-	if kind == "proc" {
+	if c.source == "proc" {
 		return newProcSource(), nil
 	}
 	nl, err := newNetlinkSource()
 	switch {
 	case err == nil:
 		return nl, nil
-	case kind == "netlink":
-		return nil, err
-	case ex.idle > 0:
-		return nil, hintError{fmt.Errorf("-ignore-idle needs netlink sock_diag: %w", err),
-			"drop -ignore-idle (-ignore-peer works from /proc too), or allow sock_diag in the sandbox"}
+	case c.source == "netlink":
+		return nil, hintError{err, "--source netlink (which --ignore-idle needs) was refused here: use --source auto, without --ignore-idle"}
 	}
 	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", err)
 	return newProcSource(), nil

@@ -20,56 +20,23 @@ import (
 
 const stopperHelp = `usage: wsdrain stopper [flags]
 
-The sidecar's preStop hook. Tells the proxy to drain (readiness 503), counts
-the ESTABLISHED connections whose local port is -target-port, and once there
-are none (and -min-drain has passed) signals the app and releases the app's
-preStop. Everything it does is copied to the proxy's log (kubectl logs).
-
-In a pod without shareProcessNamespace, where the sidecar's PID 1 is its own
-proxy and the app is out of sight, it tells so by itself and signals nothing:
-it releases the app's preStop, the kubelet sends the app its stop signal, and
-it waits for the app's listening socket to close. -target-process and -signal
-then have no effect.
+The sidecar's preStop hook. Tells the proxy to drain (readiness 503), waits
+until no ESTABLISHED connection is left on --target-port (and --min-drain has
+passed), then signals the app and releases the app's preStop. What it does is
+copied to the proxy's log (kubectl logs). Where the PID namespace is the
+sidecar's own, the app is out of sight: it signals nothing, releases the app's
+preStop so that the kubelet signals the app, and waits for the app's listening
+socket to close.
 
 example:
   wsdrain stopper --target-port 8080 --fifo /run/wsdrain/drain.fifo --timeout 570s
 
-flags:
-  -target-port N          the app's port: connections on it are the calls (default 8080)
-  -fifo PATH              the proxy's drain pipe (default /run/wsdrain/drain.fifo)
-  -interval D             how often to count at the latest; with netlink, a
-                          call's end makes the kernel wake the stopper at once
-                          and this is the safety net (default 1s)
-  -min-drain D            never signal sooner than this after the drain began:
-                          new calls can still arrive while the endpoint is being
-                          removed from Services and load balancers (default 5s)
-  -timeout D              signal anyway after this long, so the app gets SIGTERM
-                          and not the kubelet's SIGKILL; keep it 30s or so below
-                          terminationGracePeriodSeconds; 0 waits for ever and
-                          leaves the end to the kubelet (default 0)
-  -target-process NAME    signal the processes with this /proc/PID/comm instead of
-                          the owner of the socket listening on -target-port
-  -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
-  -exit-wait D            after signalling (or releasing the app's preStop), how
-                          long to wait for the app to exit (default 10s)
-  -source S               where counts come from: netlink (sock_diag, the kernel
-                          filters), proc (/proc/net/tcp and tcp6), or auto:
-                          netlink unless refused, then proc (default auto)
-  -ignore-peer CIDR       connections from this network are not calls: a metrics
-                          scraper, a mesh proxy's pool; repeatable; an IPv4
-                          network also matches IPv4-mapped IPv6 remotes
-  -ignore-idle D          connections with no data either way for D are not calls;
-                          D at least 1s and above the app's own ping period; needs
-                          netlink (default 0: off)
-
-exit status: 0 when the app was signalled (or a previous run already did),
-or, in a PID namespace of the sidecar's own, once the app's preStop is
-released; 1 when no target was found or it could not be signalled; 2 for bad
-usage.
+exit status: 0 the app was signalled or released (or an earlier run did it),
+1 no target was found, it could not be signalled or released, 2 bad usage.
 `
 
 type stopperConfig struct {
-	port          uint16
+	calls
 	fifo          string
 	interval      time.Duration
 	minDrain      time.Duration
@@ -77,28 +44,22 @@ type stopperConfig struct {
 	exitWait      time.Duration
 	targetProcess string
 	signal        syscall.Signal
-	source        sourceFlag
-	exclude       exclusions
 }
 
 func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	fs := flag.NewFlagSet("stopper", flag.ContinueOnError)
-	port := portFlag(8080)
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the proxy's drain `pipe`")
 	interval := durationFlag{d: time.Second}
 	minDrain := durationFlag{d: 5 * time.Second, allowZero: true}
 	timeout := durationFlag{allowZero: true}
 	exitWait := durationFlag{d: 10 * time.Second, allowZero: true}
-	fs.Var(&port, "target-port", "")
-	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "")
-	fs.Var(&interval, "interval", "")
-	fs.Var(&minDrain, "min-drain", "")
-	fs.Var(&timeout, "timeout", "")
-	fs.Var(&exitWait, "exit-wait", "")
-	target := fs.String("target-process", "", "")
-	sigName := fs.String("signal", "TERM", "")
-	source := sourceFlag("auto")
-	fs.Var(&source, "source", "")
-	exclude := addExclusionFlags(fs)
+	fs.Var(&interval, "interval", "count at least once every `duration`; with netlink a call's end wakes the stopper at once")
+	fs.Var(&minDrain, "min-drain", "never stop the app sooner than this `duration` after the drain began: Services and load balancers may still send new calls meanwhile")
+	fs.Var(&timeout, "timeout", "stop the app anyway after this `duration`, so it gets SIGTERM and not the kubelet's SIGKILL; keep it 30s below terminationGracePeriodSeconds; 0 waits for ever")
+	fs.Var(&exitWait, "exit-wait", "after the signal or release, wait up to this `duration` for the app to exit")
+	target := fs.String("target-process", "", "signal the processes with this /proc/PID/comm `name`, not the owner of the socket listening on --target-port")
+	sigName := fs.String("signal", "TERM", "the `signal`: TERM, INT, QUIT, HUP, USR1 or USR2")
+	flags := addCallFlags(fs)
 	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
 		return stopperConfig{}, err
 	}
@@ -106,11 +67,12 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	if err != nil {
 		return stopperConfig{}, err
 	}
-	ex, err := exclude.exclusions("stopper", source)
+	c, err := flags.calls("stopper")
 	if err != nil {
 		return stopperConfig{}, err
 	}
-	return stopperConfig{uint16(port), *fifo, interval.d, minDrain.d, timeout.d, exitWait.d, *target, sig, source, ex}, nil
+	return stopperConfig{calls: c, fifo: *fifo, interval: interval.d, minDrain: minDrain.d, timeout: timeout.d,
+		exitWait: exitWait.d, targetProcess: *target, signal: sig}, nil
 }
 
 // runStopper wires the stopper to the real kernel tables, /proc and pipe.
@@ -126,7 +88,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
 	))
 	fs := procFS{root: "/proc"}
-	source, err := openSource(cfg.source, cfg.exclude, func(msg string, err error) { log.Warn(msg, "err", err) })
+	source, err := openSource(cfg.calls, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
 		log.Error("cannot count connections", "err", err)
 		return err
@@ -444,50 +406,32 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 
 const countHelp = `usage: wsdrain count [flags]
 
-Prints one integer: the ESTABLISHED connections whose local port is
--target-port, in this network namespace, less those the -ignore flags leave
-out. Run it with kubectl exec in the sidecar to see the live calls.
+Prints the number of calls: ESTABLISHED connections whose local port is
+--target-port, in this network namespace, less those the --ignore flags leave
+out. Run it in the sidecar to see the live calls.
 
 example:
   kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
 
-flags:
-` + countFlagsHelp + `
 exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
-`
-
-// countFlagsHelp is the help of the flags that say what counts as a call,
-// the same for count and for the proxy's GET /metrics, which must count as
-// the stopper does.
-const countFlagsHelp = `  -target-port N          the app's port (default 8080)
-  -source S               netlink, proc or auto (default auto: netlink unless refused)
-  -ignore-peer CIDR       connections from this network are not calls; repeatable;
-                          an IPv4 network also matches IPv4-mapped IPv6 remotes
-  -ignore-idle D          connections with no data either way for D are not calls;
-                          D at least 1s and above the app's own ping period; needs
-                          netlink (default 0: off)
 `
 
 func runCount(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("count", flag.ContinueOnError)
-	port := portFlag(8080)
-	fs.Var(&port, "target-port", "")
-	source := sourceFlag("auto")
-	fs.Var(&source, "source", "")
-	exclude := addExclusionFlags(fs)
+	flags := addCallFlags(fs)
 	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
 		return err
 	}
-	ex, err := exclude.exclusions("count", source)
+	c, err := flags.calls("count")
 	if err != nil {
 		return err
 	}
 	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
-	src, err := openSource(source, ex, warn)
+	src, err := openSource(c, warn)
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}
-	t, err := src.established(uint16(port), ex)
+	t, err := src.established(c.port, c.exclude)
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}

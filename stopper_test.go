@@ -308,7 +308,7 @@ func TestStopperLogsWhatItLeavesOut(t *testing.T) {
 	polls := 0
 	ex := exclusions{peers: []netip.Prefix{netip.MustParsePrefix("10.0.5.7/32")}, idle: 30 * time.Second}
 	s := &stopper{
-		cfg: stopperConfig{interval: time.Second, exclude: ex},
+		cfg: stopperConfig{interval: time.Second, calls: calls{exclude: ex}},
 		log: slog.New(slog.NewTextHandler(&log, nil)),
 		count: func() (tally, error) {
 			polls++
