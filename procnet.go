@@ -1,5 +1,5 @@
-// procnet.go reads the kernel's TCP socket tables, /proc/net/tcp and
-// /proc/net/tcp6, as seen from the pod's shared network namespace.
+// procnet.go is where counts come from: it picks sock_diag (netlink.go) or
+// the kernel's TCP tables, /proc/net/tcp and tcp6, and reads the tables.
 
 package main
 
@@ -12,7 +12,53 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"runtime"
 )
+
+// socketSource is where connection counts and listeners come from.
+type socketSource interface {
+	name() string
+	established(port uint16, ex exclusions) (tally, error)
+	listeners(port uint16) ([]uint64, error)
+}
+
+// errLinuxOnly is what counting answers elsewhere: the package builds on
+// any system so that its portable tests run on a developer's machine.
+var errLinuxOnly = errors.New("wsdrain runs on Linux: it counts connections through netlink sock_diag or /proc/net/tcp")
+
+// openSource opens the source c names; auto is netlink unless the kernel or
+// a sandbox (gVisor, a seccomp profile) refuses it, and then warn is told
+// why /proc is used instead.
+func openSource(c calls, warn func(msg string, err error)) (socketSource, error) {
+	if runtime.GOOS != "linux" {
+		return nil, errLinuxOnly
+	}
+	if c.source == "proc" {
+		return newProcSource(), nil
+	}
+	nl, err := newNetlinkSource()
+	switch {
+	case err == nil:
+		return nl, nil
+	case c.source == "netlink":
+		return nil, hintError{err, "--source netlink (which --ignore-idle needs) was refused here: use --source auto, without --ignore-idle"}
+	}
+	warn("netlink sock_diag unavailable; counting from /proc/net/tcp and tcp6", err)
+	return newProcSource(), nil
+}
+
+// sourceFlag is --source: auto, netlink or proc.
+type sourceFlag string
+
+func (s *sourceFlag) String() string { return string(*s) }
+
+func (s *sourceFlag) Set(v string) error {
+	if v != "auto" && v != "netlink" && v != "proc" {
+		return errors.New("want auto, netlink or proc")
+	}
+	*s = sourceFlag(v)
+	return nil
+}
 
 // Socket states as the tables print them (include/net/tcp_states.h, in hex).
 const (
@@ -45,13 +91,10 @@ func (p *procSource) name() string { return "proc" }
 // /proc with --ignore-idle.
 func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
 	var t tally
-	err := p.eachTable(func(path string, r io.Reader) error {
+	err := p.eachTable(func(r io.Reader) error {
 		c, err := p.countEstablished(r, port, ex)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
 		t.calls, t.excludedPeer = t.calls+c.calls, t.excludedPeer+c.excludedPeer
-		return nil
+		return err
 	})
 	if err != nil {
 		return tally{}, err
@@ -59,23 +102,17 @@ func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
 	return t, nil
 }
 
-// listeners returns the inodes of LISTEN sockets on port, for finding the
-// process that owns them.
-func (p *procSource) listeners(port uint16) ([]uint64, error) {
-	var inodes []uint64
-	err := p.eachTable(func(path string, r io.Reader) error {
-		var err error
+// listeners returns the inodes of LISTEN sockets on port.
+func (p *procSource) listeners(port uint16) (inodes []uint64, err error) {
+	err = p.eachTable(func(r io.Reader) error {
 		inodes, err = p.listenInodes(r, port, inodes)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		return nil
+		return err
 	})
 	return inodes, err
 }
 
-// eachTable opens every table in turn; only tcp6 may be missing.
-func (p *procSource) eachTable(fn func(path string, r io.Reader) error) error {
+// eachTable reads every table in turn; only tcp6 may be missing.
+func (p *procSource) eachTable(fn func(r io.Reader) error) error {
 	for i, path := range p.paths {
 		f, err := os.Open(path)
 		if i > 0 && errors.Is(err, os.ErrNotExist) {
@@ -84,24 +121,23 @@ func (p *procSource) eachTable(fn func(path string, r io.Reader) error) error {
 		if err != nil {
 			return err
 		}
-		err = fn(path, f)
+		err = fn(f)
 		f.Close()
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", path, err)
 		}
 	}
 	return nil
 }
 
-// countEstablished tallies the ESTABLISHED rows of one table whose local
-// port is port. Only the local side counts: inside the pod both ends of a
-// loopback connection are listed, and the client end has port as its remote.
+// countEstablished tallies the ESTABLISHED rows of one table on port. Only
+// the local side counts: inside the pod both ends of a loopback connection
+// are listed, and the client end has port as its remote.
 func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (tally, error) {
-	want := hexPort(port)
 	var t tally
-	err := p.eachRow(r, false, func(row tableRow) {
+	err := p.eachRow(r, port, func(row tableRow) {
 		switch {
-		case !bytes.Equal(row.localPort, want[:]) || string(row.state) != stateEstablished:
+		case string(row.state) != stateEstablished:
 		case len(ex.peers) > 0 && ex.excludesPeer(procAddr(row.remoteAddr)):
 			t.excludedPeer++
 		default:
@@ -114,11 +150,10 @@ func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (
 	return t, nil
 }
 
-// listenInodes appends to inodes the socket inodes of LISTEN rows on port.
+// listenInodes appends the inodes of one table's LISTEN rows on port.
 func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]uint64, error) {
-	want := hexPort(port)
-	err := p.eachRow(r, true, func(row tableRow) {
-		if bytes.Equal(row.localPort, want[:]) && string(row.state) == stateListen {
+	err := p.eachRow(r, port, func(row tableRow) {
+		if string(row.state) == stateListen {
 			inodes = append(inodes, row.inode)
 		}
 	})
@@ -127,90 +162,79 @@ func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]
 
 // tableRow is what wsdrain needs of a line; the slices alias the buffer.
 type tableRow struct {
-	localPort  []byte
 	remoteAddr []byte // hex, as procAddr reads it
 	state      []byte
-	inode      uint64
+	inode      uint64 // LISTEN rows only
 }
 
-// eachRow checks the header and calls fn for every row, with its inode if
-// withInode. Any line it cannot
-// parse fails the whole table: a count read from a damaged table must be
-// "unknown", never a number that could be zero.
-func (p *procSource) eachRow(r io.Reader, withInode bool, fn func(tableRow)) error {
+// eachRow checks the header and calls fn for every row on port. Any line it
+// cannot parse fails the whole table: a count read from a damaged table must
+// be "unknown", never a number that could be zero. A last line with no
+// newline was cut short, which the kernel never does.
+func (p *procSource) eachRow(r io.Reader, port uint16, fn func(tableRow)) error {
 	p.br.Reset(r)
 	defer p.br.Reset(nil)
-	header, err := p.readLine()
-	if err != nil {
-		return fmt.Errorf("reading header: %w", err)
-	}
-	if !bytes.HasPrefix(bytes.TrimLeft(header, " "), []byte("sl ")) {
-		return fmt.Errorf("%w: header %q", errMalformed, preview(header))
-	}
-	for lineNo := 2; ; lineNo++ {
-		line, err := p.readLine()
-		if err == io.EOF {
+	want := hexPort(port)
+	for lineNo := 1; ; lineNo++ {
+		line, err := p.br.ReadSlice('\n')
+		switch {
+		case err == io.EOF && len(line) == 0 && lineNo > 1:
 			return nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			return fmt.Errorf("%w: line %d longer than %d bytes", errMalformed, lineNo, p.br.Size())
+		case err == io.EOF:
+			return fmt.Errorf("%w: line %d cut short: %q", errMalformed, lineNo, preview(line))
+		case err != nil:
+			return err
 		}
-		if err != nil {
-			return fmt.Errorf("line %d: %w", lineNo, err)
+		line = line[:len(line)-1]
+		if lineNo == 1 {
+			if !bytes.HasPrefix(bytes.TrimLeft(line, " "), []byte("sl ")) {
+				return fmt.Errorf("%w: header %q", errMalformed, preview(line))
+			}
+			continue
 		}
-		row, ok := parseRow(line, withInode)
+		row, localPort, ok := parseRow(line)
 		if !ok {
 			return fmt.Errorf("%w: line %d: %q", errMalformed, lineNo, preview(line))
 		}
-		fn(row)
+		if bytes.Equal(localPort, want[:]) {
+			fn(row)
+		}
 	}
 }
 
 var errMalformed = errors.New("malformed table")
 
-// readLine returns the next line without its newline. A last line with no
-// newline was cut short, which the kernel never does: it is an error.
-func (p *procSource) readLine() ([]byte, error) {
-	line, err := p.br.ReadSlice('\n')
-	switch {
-	case err == nil:
-		return line[:len(line)-1], nil
-	case err == io.EOF && len(line) == 0:
-		return nil, io.EOF
-	case err == io.EOF:
-		return nil, fmt.Errorf("%w: truncated line %q", errMalformed, preview(line))
-	case errors.Is(err, bufio.ErrBufferFull):
-		return nil, fmt.Errorf("%w: line longer than %d bytes", errMalformed, p.br.Size())
-	}
-	return nil, err
-}
-
 // parseRow splits "sl local rem st tx:rx tr:when retrnsmt uid timeout inode …"
 // by runs of spaces, not by column: the sl column widens past 9999 rows. A
-// count needs the first four fields; withInode reads on to the tenth.
-func parseRow(line []byte, withInode bool) (tableRow, bool) {
+// LISTEN row is read on to its inode, the tenth field.
+func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
 	sl, rest := nextField(line)
 	local, rest := nextField(rest)
 	remote, rest := nextField(rest)
 	state, rest := nextField(rest)
 	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) {
-		return tableRow{}, false
+		return tableRow{}, nil, false
 	}
 	_, localPort, ok1 := splitAddrPort(local)
 	remoteAddr, _, ok2 := splitAddrPort(remote)
 	if !ok1 || !ok2 || len(state) != 2 || !isHex(state) {
-		return tableRow{}, false
+		return tableRow{}, nil, false
 	}
-	row := tableRow{localPort: localPort, remoteAddr: remoteAddr, state: state}
-	if !withInode {
-		return row, true
+	row = tableRow{remoteAddr: remoteAddr, state: state}
+	if string(state) != stateListen {
+		return row, localPort, true
 	}
 	var inode []byte
 	for range 6 {
 		inode, rest = nextField(rest)
 	}
 	if !isDigits(inode) || len(inode) > 19 {
-		return tableRow{}, false
+		return tableRow{}, nil, false
 	}
 	row.inode = parseDigits(inode)
-	return row, true
+	return row, localPort, true
 }
 
 // splitAddrPort splits ADDR:PORT in hex: 8 address digits for IPv4, 32 for
