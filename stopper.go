@@ -185,10 +185,7 @@ type stopper struct {
 	ownPIDNamespace bool
 	listening       func() (bool, error)
 	record          signalLog // notes a release there, for a repeated run; no path: nowhere
-
-	// The rate limit of counts that answer events (owed).
-	debt   time.Duration
-	debtAt time.Time
+	readyAt         time.Time // counts that answer events wait for it (charge)
 }
 
 func (s *stopper) run(ctx context.Context) error {
@@ -290,33 +287,22 @@ func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
 }
 
 // recountGap is how many times its CPU cost a count that answered an event
-// must be paid back in wall time before events may trigger counts freely:
-// counts that answer events use at most a twentieth of a core in the long
-// run (ten times left the stopper just over a tenth, BENCHMARKS.md).
+// must be paid back in wall time: counts that answer events use at most a
+// twentieth of a core in the long run (BENCHMARKS.md).
 const recountGap = 20
 
-// recountBurst is the credit, in wall time, that a quiet spell builds up:
-// counts answering events run at once until they have used it. A count
-// costs what walking the kernel's socket hash table costs, which depends on
-// the node, not on the calls left (0.7 ms on an idle node, 11 ms with 10 000
-// other connections): without credit, the last two calls ending a few
-// milliseconds apart would have the second wait twenty times that.
+// recountBurst is the credit a quiet spell builds up, so that the last calls
+// ending a few milliseconds apart are each answered at once: a count costs
+// what walking the node's socket table costs, not what the calls left cost.
 const recountBurst = time.Second
 
-// charge adds what a count that answered an event owes.
-func (s *stopper) charge(cost time.Duration) { s.owed(); s.debt += recountGap * cost }
-
-// owed is the wall time the counts that answered events still owe;
-// negative, it is credit, at most recountBurst.
-func (s *stopper) owed() time.Duration {
-	now := s.now()
-	if s.debtAt.IsZero() {
-		s.debt = -recountBurst
-	} else {
-		s.debt = max(s.debt-now.Sub(s.debtAt), -recountBurst)
+// charge pays for a count that answered an event: events may trigger counts
+// again once readyAt has passed.
+func (s *stopper) charge(cost time.Duration) {
+	if floor := s.now().Add(-recountBurst); s.readyAt.Before(floor) {
+		s.readyAt = floor
 	}
-	s.debtAt = now
-	return s.debt
+	s.readyAt = s.readyAt.Add(recountGap * cost)
 }
 
 // pause waits until the next poll, d, or until a destroy event on the
@@ -332,7 +318,7 @@ func (s *stopper) pause(ctx context.Context, d time.Duration) (woken bool, err e
 	if woken, err = s.events.wait(ctx, d); err != nil || !woken {
 		return woken, err
 	}
-	if rest := min(s.owed(), d-s.now().Sub(from)); rest > 0 {
+	if rest := min(s.readyAt.Sub(s.now()), d-s.now().Sub(from)); rest > 0 {
 		return true, s.sleep(ctx, rest)
 	}
 	return true, nil
