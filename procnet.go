@@ -214,12 +214,12 @@ func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
 	local, rest := nextField(rest)
 	remote, rest := nextField(rest)
 	state, rest := nextField(rest)
-	if len(sl) < 2 || sl[len(sl)-1] != ':' || !isDigits(sl[:len(sl)-1]) {
+	if _, ok := number(bytes.TrimSuffix(sl, []byte(":")), 10); !ok || !bytes.HasSuffix(sl, []byte(":")) {
 		return tableRow{}, nil, false
 	}
 	_, localPort, ok1 := splitAddrPort(local)
 	remoteAddr, _, ok2 := splitAddrPort(remote)
-	if !ok1 || !ok2 || len(state) != 2 || !isHex(state) {
+	if _, ok3 := number(state, 16); !ok1 || !ok2 || !ok3 || len(state) != 2 {
 		return tableRow{}, nil, false
 	}
 	row = tableRow{remoteAddr: remoteAddr, state: state}
@@ -230,18 +230,20 @@ func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
 	for range 6 {
 		inode, rest = nextField(rest)
 	}
-	if !isDigits(inode) || len(inode) > 19 {
-		return tableRow{}, nil, false
-	}
-	row.inode = parseDigits(inode)
-	return row, localPort, true
+	row.inode, ok = number(inode, 10)
+	return row, localPort, ok && len(inode) <= 19
 }
 
 // splitAddrPort splits ADDR:PORT in hex: 8 address digits for IPv4, 32 for
 // IPv6 (where an IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d).
 func splitAddrPort(field []byte) (addr, port []byte, ok bool) {
 	addrLen := len(field) - 5
-	if (addrLen != 8 && addrLen != 32) || field[addrLen] != ':' || !isHex(field[:addrLen]) || !isHex(field[addrLen+1:]) {
+	if addrLen != 8 && addrLen != 32 || field[addrLen] != ':' {
+		return nil, nil, false
+	}
+	_, okAddr := number(field[:addrLen], 16)
+	_, okPort := number(field[addrLen+1:], 16)
+	if !okAddr || !okPort {
 		return nil, nil, false
 	}
 	return field[:addrLen], field[addrLen+1:], true
@@ -253,7 +255,8 @@ func splitAddrPort(field []byte) (addr, port []byte, ok bool) {
 func procAddr(hex []byte) netip.Addr {
 	var b [16]byte
 	for i := 0; i < len(hex)/8; i++ {
-		binary.NativeEndian.PutUint32(b[4*i:], uint32(parseHex(hex[8*i:8*i+8])))
+		word, _ := number(hex[8*i:8*i+8], 16)
+		binary.NativeEndian.PutUint32(b[4*i:], uint32(word))
 	}
 	if len(hex) == 8 {
 		return netip.AddrFrom4([4]byte(b[:4]))
@@ -280,43 +283,23 @@ func hexPort(port uint16) [4]byte {
 	return [4]byte{digits[port>>12], digits[port>>8&0xF], digits[port>>4&0xF], digits[port&0xF]}
 }
 
-func isHex(b []byte) bool {
+// number reads b as digits of base 10 or 16, upper case as the kernel prints
+// them; ok is false for anything else, or for nothing.
+func number(b []byte, base uint64) (n uint64, ok bool) {
 	for _, c := range b {
-		if !('0' <= c && c <= '9' || 'A' <= c && c <= 'F') {
-			return false
+		d := base
+		switch {
+		case '0' <= c && c <= '9':
+			d = uint64(c - '0')
+		case 'A' <= c && c <= 'F':
+			d = uint64(c-'A') + 10
 		}
-	}
-	return len(b) > 0
-}
-
-func isDigits(b []byte) bool {
-	for _, c := range b {
-		if c < '0' || c > '9' {
-			return false
+		if d >= base {
+			return 0, false
 		}
+		n = n*base + d
 	}
-	return len(b) > 0
-}
-
-// parseHex reads upper-case hex digits that isHex checked.
-func parseHex(b []byte) uint64 {
-	var n uint64
-	for _, c := range b {
-		d := c - '0'
-		if c >= 'A' {
-			d = c - 'A' + 10
-		}
-		n = n<<4 | uint64(d)
-	}
-	return n
-}
-
-func parseDigits(b []byte) uint64 {
-	var n uint64
-	for _, c := range b {
-		n = n*10 + uint64(c-'0')
-	}
-	return n
+	return n, len(b) > 0
 }
 
 // preview shortens a bad line for an error message.
