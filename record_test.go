@@ -44,8 +44,9 @@ func TestStopperGoesOnWhileAnotherRunHoldsTheRecord(t *testing.T) {
 				notify: func(msg string) error { events = append(events, msg); return nil },
 				now:    time.Now,
 				sleep:  sleepCtx,
-				app: &appSignaller{fs: fs, record: signalLog{path: path}, lockWait: tt.lockWait, sig: syscall.SIGTERM, log: testLogger(&log),
-					finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}},
+				signal: (&appSignaller{fs: fs, record: signalLog{path: path}, lockWait: tt.lockWait, sig: syscall.SIGTERM, log: testLogger(&log),
+					finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}).signal,
+				alive: fs.alive,
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
