@@ -1,9 +1,8 @@
-// record.go keeps the record of signalled processes, a file beside the
-// drain pipe on the emptyDir. Hooks are delivered at least once, so a
-// stopper run may repeat or overlap another: the record lets it signal
-// nothing new and still succeed. The file is trusted only as far as it
-// must be: never through a link, only if it is ours and no one else's to
-// write, and its lock is waited for a bounded time.
+// record.go keeps what earlier stopper runs did (the processes signalled, a
+// release) in a file beside the drain pipe. Hooks are delivered at least
+// once, so a run may repeat or overlap another: the record lets it do
+// nothing twice and still succeed. The file is trusted only if it is ours,
+// never through a link, and its lock is waited for a bounded time.
 
 package main
 
@@ -39,7 +38,8 @@ type record struct {
 
 // recordEntry is a line "PID START TARGET": what an earlier run acted on,
 // by PID and start time, and what it looked for ("port 8080"). A release
-// made with the app out of sight names no process: "0 0 port 8080".
+// made with the app out of sight names no process, "0 0 port 8080": no
+// process found in /proc has PID 0, so it never stands for a signal.
 type recordEntry struct {
 	pid    int
 	start  uint64
@@ -167,7 +167,7 @@ func (r record) doneEarlier(target string, alive func(process) bool, findErr err
 	if len(earlier) == 0 {
 		return nil, findErr
 	}
-	exiting := slices.DeleteFunc(earlier, func(p process) bool { return p.pid == 0 || !alive(p) })
+	exiting := slices.DeleteFunc(earlier, func(p process) bool { return p.pid == 0 || !alive(p) }) // 0: a release
 	if len(exiting) == 0 {
 		log.Info("app already gone after an earlier stopper run", "detail", findErr)
 		return nil, nil

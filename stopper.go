@@ -278,11 +278,12 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 	}
 	// A repeated hook (the kubelet restarted mid-termination, say) finds the
 	// app gone after the run that released it; that is no error.
-	if err := s.record.released(ctx, "port "+strconv.Itoa(int(s.cfg.port)), notFound, s.log); err != nil || notFound != nil {
-		if err != nil {
-			s.log.Error("could not see the app", "err", err)
-		}
+	switch err := s.record.released(ctx, "port "+strconv.Itoa(int(s.cfg.port)), notFound, s.log); {
+	case err != nil:
+		s.log.Error("could not see the app", "err", err)
 		return err
+	case notFound != nil:
+		return nil
 	}
 	s.log.Info("not signalling the app: the PID namespace is not shared, so the kubelet delivers the stop signal when the app's preStop returns")
 	s.waitExit(ctx, "app still listening", func() (bool, error) { listening, err := s.listening(); return !listening, err })
