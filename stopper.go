@@ -286,20 +286,21 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 		return nil
 	}
 	s.log.Info("not signalling the app: the PID namespace is not shared, so the kubelet delivers the stop signal when the app's preStop returns")
-	s.waitExit(ctx, "app still listening", func() (bool, error) { listening, err := s.listening(); return !listening, err })
+	listenerClosed := func() (bool, error) { listening, err := s.listening(); return !listening, err }
+	s.waitExit(ctx, "app still listening", listenerClosed, "seen_as", "its listening socket closed")
 	return nil
 }
 
 // waitExit checks every 100 ms, for up to --exit-wait, whether the app is
 // gone, and says how it went; a check that fails is not gone.
-func (s *stopper) waitExit(ctx context.Context, still string, gone func() (bool, error)) {
+func (s *stopper) waitExit(ctx context.Context, still string, gone func() (bool, error), attrs ...any) {
 	const step = 100 * time.Millisecond
 	from := s.now()
 	for {
 		ok, err := gone()
 		waited := s.now().Sub(from)
 		if err == nil && ok {
-			s.log.Info("app exited", "within", waited.Round(time.Millisecond))
+			s.log.Info("app exited", append([]any{"within", waited.Round(time.Millisecond)}, attrs...)...)
 			return
 		}
 		if waited >= s.cfg.exitWait || s.sleep(ctx, min(step, s.cfg.exitWait-waited)) != nil {

@@ -346,7 +346,7 @@ func TestStopperInItsOwnPIDNamespaceSignalsNothing(t *testing.T) {
 	}{
 		{"done at zero; exit seen when the listener closes", []countResult{{2, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {0, nil}},
 			[]countResult{{1, nil}, {1, nil}, {1, nil}, {0, nil}}, 6 * time.Second,
-			[]string{"pid_namespace=private", "the kubelet delivers the stop signal", `msg="app exited" within=200ms`}},
+			[]string{"pid_namespace=private", "the kubelet delivers the stop signal", `msg="app exited" within=200ms seen_as="its listening socket closed"`}},
 		{"done at -timeout with a call open", []countResult{{1, nil}},
 			[]countResult{{1, nil}, {0, nil}}, 30 * time.Second,
 			[]string{"drain timeout", "connections=1", `msg="app exited" within=0s`}},
