@@ -472,3 +472,31 @@ func TestStopperInItsOwnPIDNamespaceRunTwice(t *testing.T) {
 		}
 	}
 }
+
+// TestStopperWaitsForTheSignalledAppToExit: after the signal, the stopper
+// says when the app exited, or that the kubelet takes over at --exit-wait.
+func TestStopperWaitsForTheSignalledAppToExit(t *testing.T) {
+	for _, tt := range []struct {
+		checks int // alive answers true this many times
+		want   string
+	}{
+		{2, `msg="app exited" within=200ms`},
+		{1000, `msg="app still running after the signal; the kubelet takes over" waited=1s`},
+	} {
+		clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+		var log strings.Builder
+		checks := 0
+		s := &stopper{
+			cfg:    stopperConfig{interval: time.Second, exitWait: time.Second},
+			log:    slog.New(slog.NewTextHandler(&log, nil)),
+			count:  func() (tally, error) { return tally{}, nil },
+			notify: func(string) error { return nil },
+			now:    clock.now, sleep: clock.sleep,
+			signal: func(context.Context) ([]process, error) { return []process{{pid: 42}}, nil },
+			alive:  func(process) bool { checks++; return checks <= tt.checks },
+		}
+		if err := s.run(context.Background()); err != nil || !strings.Contains(log.String(), tt.want) {
+			t.Errorf("run = %v; log lacks %q:\n%s", err, tt.want, &log)
+		}
+	}
+}
