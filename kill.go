@@ -70,72 +70,67 @@ func (fs procFS) pids() ([]int, error) {
 	return pids, nil
 }
 
-// ownerScan is what a search of /proc for a socket's holders saw.
-type ownerScan struct {
-	owners, unreadable []process
-	fds                map[int]string // owner's pid → its fd on the socket
-	seen               map[int]uint64 // every process looked at: pid → start time
+// ownPIDNamespace reports whether PID 1 is in this process's own mount
+// namespace, that is, in its own container: then the PID namespace is the
+// container's, the app is out of sight, and the kubelet alone signals it.
+// With shareProcessNamespace, PID 1 is the pause container's /pause, whose
+// mount namespace is another, and whose link may be unreadable. Only a
+// positive match counts, so that a doubt leaves the stopper signalling.
+func (fs procFS) ownPIDNamespace() bool {
+	self, err := os.Readlink(filepath.Join(fs.root, "self", "ns", "mnt"))
+	if err != nil {
+		return false
+	}
+	init, err := os.Readlink(filepath.Join(fs.root, "1", "ns", "mnt"))
+	return err == nil && init == self
 }
 
 // socketOwners returns the processes with an open fd on one of the socket
-// inodes, and those whose fds it was not allowed to read, skipping those
-// skip says were seen before. Each is stat'ed before and after its fds are
-// read: a PID reused meanwhile (the start time differs) is skipped, so an
-// owner's identity is the one whose fds were read.
-func (fs procFS) socketOwners(inodes []uint64, skip map[int]uint64) (ownerScan, error) {
-	sc := ownerScan{fds: map[int]string{}, seen: map[int]uint64{}}
+// inodes, and those whose fds it was not allowed to read. Each is stat'ed
+// before and after its fds are read: a PID reused meanwhile is skipped, so
+// an owner's identity is the one whose fds were read.
+func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
 	pids, err := fs.pids()
 	if err != nil {
-		return sc, err
+		return nil, nil, err
 	}
 	for _, pid := range pids {
 		p, err := fs.stat(pid)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		if start, ok := skip[pid]; ok && start == p.start {
-			continue
-		}
-		fd, err := fs.holdsSocket(pid, inodes)
+		held, err := fs.holdsSocket(pid, inodes)
 		if now, serr := fs.stat(pid); serr != nil || now.start != p.start {
 			continue // gone or reused while its fds were read
 		}
-		sc.seen[pid] = p.start
 		switch {
 		case errors.Is(err, os.ErrPermission):
-			sc.unreadable = append(sc.unreadable, p)
-		case err == nil && fd != "":
-			sc.owners = append(sc.owners, p)
-			sc.fds[pid] = fd
+			unreadable = append(unreadable, p)
+		case err == nil && held:
+			owners = append(owners, p)
 		}
 	}
-	return sc, nil
+	return owners, unreadable, nil
 }
 
-// holdsSocket returns the fd through which pid holds one of the sockets
-// ("socket:[inode]"), or "".
-func (fs procFS) holdsSocket(pid int, inodes []uint64) (string, error) {
+// holdsSocket reports whether pid has an fd on one of the sockets.
+func (fs procFS) holdsSocket(pid int, inodes []uint64) (bool, error) {
 	dir := filepath.Join(fs.root, strconv.Itoa(pid), "fd")
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return "", err
+		return false, err
 	}
 	for _, e := range entries {
-		if fs.fdIsSocket(pid, e.Name(), inodes) {
-			return e.Name(), nil
+		link, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil || !strings.HasPrefix(link, "socket:[") {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
+		if err == nil && slices.Contains(inodes, n) {
+			return true, nil
 		}
 	}
-	return "", nil
-}
-
-// fdIsSocket reports whether fd of pid is one of the sockets.
-func (fs procFS) fdIsSocket(pid int, fd string, inodes []uint64) bool {
-	link, err := os.Readlink(filepath.Join(fs.root, strconv.Itoa(pid), "fd", fd))
-	if err != nil || !strings.HasPrefix(link, "socket:[") {
-		return false
-	}
-	n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
-	return err == nil && slices.Contains(inodes, n)
+	return false, nil
 }
 
 // byComm returns the processes whose /proc/PID/comm is name. The kernel
@@ -216,9 +211,8 @@ func (t targetFinder) name() string {
 
 // find returns the app's server processes. By default these own the LISTEN
 // socket on the port, which also gets past npm, yarn or "sh -c" wrappers
-// that would not pass a signal on; ahead is a search made earlier (or nil),
-// which spares reading what has not changed since.
-func (t targetFinder) find(ahead *listenerScan) ([]process, error) {
+// that would not pass a signal on.
+func (t targetFinder) find() ([]process, error) {
 	if t.comm != "" {
 		ps, err := t.fs.byComm(t.comm)
 		if err != nil {
@@ -230,66 +224,28 @@ func (t targetFinder) find(ahead *listenerScan) ([]process, error) {
 		}
 		return ps, nil
 	}
-	ps, _, err := t.findOwners(ahead)
-	return ps, err
-}
-
-// listenerScan is a search for the listener's owners, kept from a search
-// made while the drain runs so that the one at the zero skips what has not
-// changed: reading every process's fds takes long where other processes
-// hold thousands of connections (115 ms for 20 000 fds, BENCHMARKS.md).
-type listenerScan struct {
-	inodes []uint64       // the LISTEN sockets, sorted
-	seen   map[int]uint64 // every process looked at: pid → start time
-	owners []process      // what find returned
-	fds    map[int]string // owner's pid → its fd on the socket
-}
-
-// findOwners finds the owners of the listening socket. Given an earlier
-// scan of the same listening sockets whose owners all still hold them
-// through the same fds, it reads the fds of new processes only, and keeps
-// the earlier answer if none of them holds the socket or hides its fds.
-func (t targetFinder) findOwners(prev *listenerScan) ([]process, *listenerScan, error) {
 	inodes, err := t.source.listeners(t.port)
 	if err != nil {
-		return nil, nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
+		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
 	}
 	if len(inodes) == 0 {
-		return nil, nil, fmt.Errorf("nothing listens on port %d", t.port)
+		return nil, fmt.Errorf("nothing listens on port %d", t.port)
 	}
-	slices.Sort(inodes)
-	if prev != nil && slices.Equal(inodes, prev.inodes) && t.stillHeld(prev) {
-		sc, err := t.fs.socketOwners(inodes, prev.seen)
-		if err == nil && len(withoutUnsafe(sc.owners, t.protect)) == 0 && len(withoutUnsafe(sc.unreadable, t.protect)) == 0 {
-			return prev.owners, prev, nil
-		}
-	}
-	sc, err := t.fs.socketOwners(inodes, nil)
+	owners, unreadable, err := t.fs.socketOwners(inodes)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	// A process we may not inspect may hold the socket too: the master of a
 	// pre-fork server running as another user, say. Signalling only the
 	// workers we can see would leave it listening, so refuse instead.
-	if unreadable := withoutUnsafe(sc.unreadable, t.protect); len(unreadable) > 0 {
-		return nil, nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
+	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
+		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
 			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
 	}
-	if owners := rootsOf(withoutUnsafe(sc.owners, t.protect)); len(owners) > 0 {
-		return owners, &listenerScan{inodes: inodes, seen: sc.seen, owners: owners, fds: sc.fds}, nil
+	if owners = rootsOf(withoutUnsafe(owners, t.protect)); len(owners) > 0 {
+		return owners, nil
 	}
-	return nil, nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
-}
-
-// stillHeld reports whether every owner of an earlier scan is alive and
-// holds a listening socket through the same fd.
-func (t targetFinder) stillHeld(prev *listenerScan) bool {
-	for _, p := range prev.owners {
-		if !t.fs.alive(p) || !t.fs.fdIsSocket(p.pid, prev.fds[p.pid], prev.inodes) {
-			return false
-		}
-	}
-	return true
+	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
 }
 
 // describe names a few processes for an error message.
@@ -343,16 +299,6 @@ type appSignaller struct {
 	lockWait time.Duration // how long an overlapping run may keep the record: recordLockWait; 0 for ever
 	sig      syscall.Signal
 	log      *slog.Logger
-	ahead    *listenerScan // found while the drain ran (prepare)
-}
-
-// prepare looks for the app while the drain runs, so that the search at
-// the zero has little left to read. A failure here is no verdict: signal
-// searches again.
-func (a *appSignaller) prepare() {
-	if a.finder.comm == "" {
-		_, a.ahead, _ = a.finder.findOwners(nil)
-	}
 }
 
 // signal sends the signal to every target not signalled by an earlier run
@@ -362,9 +308,9 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
 	target := a.finder.name()
-	targets, err := a.finder.find(a.ahead)
+	targets, err := a.finder.find()
 	if err != nil {
-		return a.signalledEarlier(rec.signalledAs(target), err)
+		return rec.doneEarlier(target, a.fs.alive, err, a.log)
 	}
 	var fresh []process
 	for _, p := range targets {
@@ -387,33 +333,27 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	return targets, nil
 }
 
-// signalledEarlier decides a run that found no target. It succeeds only
-// when an earlier run signalled a process as this same target: one that
-// has exited since, or is exiting (it is returned, to be waited for). Else
-// the error stands, so that a wrong port never passes for a finished job.
-func (a *appSignaller) signalledEarlier(earlier []process, findErr error) ([]process, error) {
-	if len(earlier) == 0 {
-		return nil, findErr
+// parseSignal accepts TERM, SIGTERM or sigterm. SIGKILL and SIGSTOP are
+// refused: the kubelet owns the hard stop, and a stopped app holds its calls.
+func parseSignal(s string) (syscall.Signal, error) {
+	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
+	if !ok {
+		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag --signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
 	}
-	exiting := slices.DeleteFunc(earlier, func(p process) bool { return !a.fs.alive(p) })
-	if len(exiting) == 0 {
-		a.log.Info("app already gone after an earlier stopper run", "detail", findErr)
-		return nil, nil
-	}
-	a.log.Info("app already signalled by an earlier stopper run, and exiting", "pid", exiting[0].pid, "detail", findErr)
-	return exiting, nil
+	return sig, nil
 }
 
-// waitExit waits up to limit for ps to exit, and says how it went.
-func (a *appSignaller) waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool {
-	const step = 100 * time.Millisecond
-	for waited := time.Duration(0); ; waited += step {
-		if !slices.ContainsFunc(ps, a.fs.alive) {
-			a.log.Info("app exited", "within", waited)
-			return true
-		}
-		if waited >= limit || sleep(ctx, step) != nil {
-			return false
+var signalsByName = map[string]syscall.Signal{
+	"TERM": syscall.SIGTERM, "INT": syscall.SIGINT, "QUIT": syscall.SIGQUIT,
+	"HUP": syscall.SIGHUP, "USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2,
+}
+
+// signalName is the conventional name of sig, such as SIGTERM.
+func signalName(sig syscall.Signal) string {
+	for name, s := range signalsByName {
+		if s == sig {
+			return "SIG" + name
 		}
 	}
+	return sig.String()
 }

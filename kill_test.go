@@ -53,16 +53,16 @@ func TestFindsTheListenerOwner(t *testing.T) {
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 	fs := procFS{"/proc"}
 	f := targetFinder{fs: fs, source: newProcSource(), port: port}
-	got, err := f.find(nil)
+	got, err := f.find()
 	if err != nil || len(got) != 1 || got[0].pid != os.Getpid() {
 		t.Fatalf("find = %+v, %v; want this test process %d", got, err, os.Getpid())
 	}
 	f.protect = fs.ancestors(os.Getpid())
-	if got, err := f.find(nil); err == nil {
+	if got, err := f.find(); err == nil {
 		t.Fatalf("find returned the stopper's own process %+v", got)
 	}
 	f.port = port + 1
-	if _, err := f.find(nil); err == nil || !strings.Contains(err.Error(), "nothing listens") {
+	if _, err := f.find(); err == nil || !strings.Contains(err.Error(), "nothing listens") {
 		t.Fatalf("find on an unused port: %v", err)
 	}
 }
@@ -225,36 +225,6 @@ func TestSignalsOnlyTheProcessWithTheRecordedStartTime(t *testing.T) {
 	}
 }
 
-// TestFindOwnersStartsFromAnEarlierScan: the search at the zero keeps what
-// a search during the drain found while the same listening socket is held
-// through the same fd, and searches afresh when the socket changed.
-func TestFindOwnersStartsFromAnEarlierScan(t *testing.T) {
-	ln, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := uint16(ln.Addr().(*net.TCPAddr).Port)
-	f := targetFinder{fs: procFS{"/proc"}, source: newProcSource(), port: port}
-	first, scan, err := f.findOwners(nil)
-	if err != nil || scan == nil || len(first) != 1 || first[0].pid != os.Getpid() {
-		t.Fatalf("findOwners = %+v, %+v, %v; want this process", first, scan, err)
-	}
-	again, next, err := f.findOwners(scan)
-	if err != nil || next != scan || !slices.Equal(again, first) {
-		t.Fatalf("with the earlier scan: %+v, %v (scan kept: %v); want the same owners", again, err, next == scan)
-	}
-	ln.Close()
-	ln, err = net.Listen("tcp", ":"+strconv.Itoa(int(port)))
-	if err != nil {
-		t.Skipf("cannot listen on port %d again: %v", port, err)
-	}
-	defer ln.Close()
-	_, next, err = f.findOwners(scan)
-	if err != nil || next == scan {
-		t.Fatalf("a new listening socket kept the earlier scan (%v)", err)
-	}
-}
-
 // TestSignalNeverReachesAReusedPID reuses the app's PID for real, in a PID
 // namespace of its own, between the moment the stopper takes the process
 // in hand and the moment it has checked the start time: the new process
@@ -325,5 +295,39 @@ func TestPIDReuseInNamespace(t *testing.T) {
 	case s := <-said:
 		t.Fatalf("the process that reused pid %d got the stopper's signal (it said %q)", pid, s)
 	case <-time.After(time.Second):
+	}
+}
+
+// TestOwnPIDNamespace: only PID 1 in the stopper's own mount namespace means
+// a private PID namespace; anything unreadable means shared.
+func TestOwnPIDNamespace(t *testing.T) {
+	tests := []struct {
+		name       string
+		self, init string // ns/mnt link targets; "" leaves the link out
+		want       bool
+	}{
+		{"PID 1 is in this container", "mnt:[4026532301]", "mnt:[4026532301]", true},
+		{"PID 1 is the pod's pause", "mnt:[4026532301]", "mnt:[4026532287]", false},
+		{"PID 1 unreadable", "mnt:[4026532301]", "", false},
+		{"no /proc/self", "", "mnt:[4026532301]", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			for dir, target := range map[string]string{"self": tt.self, "1": tt.init} {
+				if target == "" {
+					continue
+				}
+				if err := os.MkdirAll(filepath.Join(root, dir, "ns"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Symlink(target, filepath.Join(root, dir, "ns", "mnt")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := (procFS{root: root}).ownPIDNamespace(); got != tt.want {
+				t.Errorf("ownPIDNamespace() = %v, want %v", got, tt.want)
+			}
+		})
 	}
 }

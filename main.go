@@ -206,31 +206,6 @@ func parseHealthURL(s string) (*url.URL, error) {
 	return u, nil
 }
 
-// parseSignal accepts TERM, SIGTERM or sigterm. SIGKILL and SIGSTOP are
-// refused: the kubelet owns the hard stop, and a stopped app holds its calls.
-func parseSignal(s string) (syscall.Signal, error) {
-	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
-	if !ok {
-		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag --signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
-	}
-	return sig, nil
-}
-
-var signalsByName = map[string]syscall.Signal{
-	"TERM": syscall.SIGTERM, "INT": syscall.SIGINT, "QUIT": syscall.SIGQUIT,
-	"HUP": syscall.SIGHUP, "USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2,
-}
-
-// signalName is the conventional name of sig, such as SIGTERM.
-func signalName(sig syscall.Signal) string {
-	for name, s := range signalsByName {
-		if s == sig {
-			return "SIG" + name
-		}
-	}
-	return sig.String()
-}
-
 // buildVersion is the stamped version, else what the Go toolchain recorded.
 func buildVersion() string {
 	if version != "" {

@@ -1,9 +1,8 @@
-// record.go keeps the record of signalled processes, a file beside the
-// drain pipe on the emptyDir. Hooks are delivered at least once, so a
-// stopper run may repeat or overlap another: the record lets it signal
-// nothing new and still succeed. The file is trusted only as far as it
-// must be: never through a link, only if it is ours and no one else's to
-// write, and its lock is waited for a bounded time.
+// record.go keeps what earlier stopper runs did (the processes signalled, a
+// release) in a file beside the drain pipe. Hooks are delivered at least
+// once, so a run may repeat or overlap another: the record lets it do
+// nothing twice and still succeed. The file is trusted only if it is ours,
+// never through a link, and its lock is waited for a bounded time.
 
 package main
 
@@ -37,8 +36,10 @@ type record struct {
 	entries []recordEntry
 }
 
-// recordEntry is a line "PID START TARGET": a signalled process, by PID and
-// start time, and what the run signalling it looked for ("port 8080").
+// recordEntry is a line "PID START TARGET": what an earlier run acted on,
+// by PID and start time, and what it looked for ("port 8080"). A release
+// made with the app out of sight names no process, "0 0 port 8080": no
+// process found in /proc has PID 0, so it never stands for a signal.
 type recordEntry struct {
 	pid    int
 	start  uint64
@@ -47,9 +48,12 @@ type recordEntry struct {
 
 // open opens the record and takes its lock, waiting until ctx ends or, if
 // lockWait is not 0, for at most lockWait: the app's preStop waits on this
-// run. A record it cannot
-// use or lock is logged, and the run goes on without it.
+// run. A record it cannot use or lock is logged, and the run goes on
+// without it; with no path there is none.
 func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.Logger) record {
+	if l.path == "" {
+		return record{}
+	}
 	f, err := openOwnFile(l.path)
 	if err != nil {
 		log.Warn("not using the record of signalled processes; a repeated hook may signal the app again", "err", err)
@@ -75,7 +79,7 @@ func openOwnFile(path string) (*os.File, error) {
 	}
 	fi, err := f.Stat()
 	if err == nil {
-		err = checkOwnFile(fi)
+		err = checkOwn(fi, 0)
 	}
 	if err != nil {
 		f.Close()
@@ -84,19 +88,21 @@ func openOwnFile(path string) (*os.File, error) {
 	return f, nil
 }
 
-// checkOwnFile refuses anything but a regular file owned by this user and
-// writable by no one else.
-func checkOwnFile(fi os.FileInfo) error {
+// checkOwn refuses a file that is not of type want (0: a regular file) or
+// that another user owns or may write: such a file could drain the pod or
+// make up what earlier runs did.
+func checkOwn(fi os.FileInfo, want os.FileMode) error {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	switch {
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	case fi.Mode().Type() != want:
+		kind := map[os.FileMode]string{0: "regular file", os.ModeNamedPipe: "named pipe"}[want]
+		return fmt.Errorf("not a %s (%s)", kind, fi.Mode().Type())
 	case !ok:
 		return errors.New("owner unknown")
 	case int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("owned by another user (uid %d)", st.Uid)
+		return fmt.Errorf("owned by uid %d, not by this process's uid %d", st.Uid, os.Geteuid())
 	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("writable by other users (mode %s)", fi.Mode().Perm())
+		return fmt.Errorf("writable by group or others (mode %04o)", fi.Mode().Perm())
 	}
 	return nil
 }
@@ -115,8 +121,10 @@ func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
 		if wait > 0 && time.Now().After(deadline) {
 			return fmt.Errorf("another process held it for %v", wait)
 		}
-		if err := sleepCtx(ctx, poll); err != nil {
-			return fmt.Errorf("stopper interrupted while waiting for the lock: %w", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stopper interrupted while waiting for the lock: %w", ctx.Err())
+		case <-time.After(poll):
 		}
 	}
 }
@@ -145,15 +153,43 @@ func (r record) has(p process) bool {
 	return slices.ContainsFunc(r.entries, func(e recordEntry) bool { return e.pid == p.pid && e.start == p.start })
 }
 
-// signalledAs returns the processes an earlier run signalled as target.
-func (r record) signalledAs(target string) []process {
-	var ps []process
+// doneEarlier decides a run that found nothing to act on. It succeeds only
+// when an earlier run acted on this same target, and returns the processes
+// it signalled that are still exiting, to be waited for. Else findErr
+// stands, so that a wrong port never passes for a finished job.
+func (r record) doneEarlier(target string, alive func(process) bool, findErr error, log *slog.Logger) ([]process, error) {
+	var earlier []process
 	for _, e := range r.entries {
 		if e.target == target {
-			ps = append(ps, process{pid: e.pid, start: e.start})
+			earlier = append(earlier, process{pid: e.pid, start: e.start})
 		}
 	}
-	return ps
+	if len(earlier) == 0 {
+		return nil, findErr
+	}
+	exiting := slices.DeleteFunc(earlier, func(p process) bool { return p.pid == 0 || !alive(p) }) // 0: a release
+	if len(exiting) == 0 {
+		log.Info("app already gone after an earlier stopper run", "detail", findErr)
+		return nil, nil
+	}
+	log.Info("app already signalled by an earlier stopper run, and exiting", "pid", exiting[0].pid, "detail", findErr)
+	return exiting, nil
+}
+
+// released is the record's part where the app is out of sight: a release
+// made while the app listened is noted, naming no process; a run that
+// found nothing listening (notFound) is decided as a shared run would be.
+func (l signalLog) released(ctx context.Context, target string, notFound error, log *slog.Logger) error {
+	rec := l.open(ctx, recordLockWait, log)
+	defer rec.close()
+	if notFound != nil {
+		_, err := rec.doneEarlier(target, nil, notFound, log)
+		return err
+	}
+	if err := rec.add([]process{{}}, target); err != nil {
+		log.Warn("could not record the release; a repeated hook will report an error", "err", err)
+	}
+	return nil
 }
 
 // add appends the processes just signalled as target, in one write.

@@ -44,8 +44,9 @@ func TestStopperGoesOnWhileAnotherRunHoldsTheRecord(t *testing.T) {
 				notify: func(msg string) error { events = append(events, msg); return nil },
 				now:    time.Now,
 				sleep:  sleepCtx,
-				app: &appSignaller{fs: fs, record: signalLog{path: path}, lockWait: tt.lockWait, sig: syscall.SIGTERM, log: testLogger(&log),
-					finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}},
+				signal: (&appSignaller{fs: fs, record: signalLog{path: path}, lockWait: tt.lockWait, sig: syscall.SIGTERM, log: testLogger(&log),
+					finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}).signal,
+				alive: fs.alive,
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -289,5 +290,21 @@ func TestARepeatedRunAfterTheListenerClosed(t *testing.T) {
 	}
 	if strings.Contains(log.String(), "signalled app") {
 		t.Errorf("a run signalled though nothing listened:\n%s", log.String())
+	}
+}
+
+// TestAReleaseNeverStandsForASignal: a release on record, which names no
+// process, must not make a run skip a live app it never signalled.
+func TestAReleaseNeverStandsForASignal(t *testing.T) {
+	app, port := startTestApp(t)
+	fs := procFS{"/proc"}
+	path := filepath.Join(t.TempDir(), "wsdrain.signalled")
+	writeFile(t, path, fmt.Sprintf("0 0 port %d\n", port), 0o600)
+	var log syncBuffer
+	a := &appSignaller{fs: fs, record: signalLog{path: path}, sig: syscall.SIGTERM, log: testLogger(&log),
+		finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
+	_, err := a.signal(context.Background())
+	if err != nil || !strings.Contains(log.String(), fmt.Sprintf(`msg="signalled app" pid=%d`, app.Process.Pid)) {
+		t.Fatalf("with a release on record: %v; want the app signalled:\n%s", err, log.String())
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"syscall"
 	"time"
 )
@@ -106,14 +108,15 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		notify: pipe.send,
 		now:    time.Now,
 		sleep:  sleepCtx,
-		app: &appSignaller{
+		signal: (&appSignaller{
 			fs:       fs,
 			finder:   targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
 			record:   record,
 			lockWait: recordLockWait,
 			sig:      cfg.signal,
 			log:      log,
-		},
+		}).signal,
+		alive:           fs.alive,
 		ownPIDNamespace: fs.ownPIDNamespace(),
 		record:          record,
 		listening: func() (bool, error) {
@@ -175,11 +178,8 @@ type stopper struct {
 	notify func(msg string) error
 	now    func() time.Time
 	sleep  func(ctx context.Context, d time.Duration) error
-	app    interface {
-		prepare() // look for the app ahead, while the calls go on
-		signal(ctx context.Context) ([]process, error)
-		waitExit(ctx context.Context, ps []process, limit time.Duration, sleep func(context.Context, time.Duration) error) bool
-	}
+	signal func(ctx context.Context) ([]process, error) // signals the app; returns whom to wait for
+	alive  func(process) bool
 	// ownPIDNamespace: the app is out of sight and the kubelet signals it;
 	// listening then tells when the app has exited.
 	ownPIDNamespace bool
@@ -192,12 +192,9 @@ func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
 		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
-		"not_calls", s.cfg.exclude.String(), "pid_namespace", pidNamespaceName(s.ownPIDNamespace))
+		"not_calls", s.cfg.exclude.String(), "pid_namespace", map[bool]string{true: "private", false: "shared"}[s.ownPIDNamespace])
 	if err := s.notify("drain"); err != nil {
 		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
-	}
-	if !s.ownPIDNamespace {
-		s.app.prepare() // the fds of every process are read now, not at the zero
 	}
 	if err := s.waitForCalls(ctx, begun); err != nil {
 		return err
@@ -205,7 +202,7 @@ func (s *stopper) run(ctx context.Context) error {
 	if s.ownPIDNamespace {
 		return s.leaveSignalToKubelet(ctx)
 	}
-	signalled, err := s.app.signal(ctx)
+	signalled, err := s.signal(ctx)
 	// Release the app's preStop even when signalling failed: the kubelet's
 	// own SIGTERM then reaches the app, and the calls are over either way.
 	if nerr := s.notify("done"); nerr != nil {
@@ -215,10 +212,64 @@ func (s *stopper) run(ctx context.Context) error {
 		s.log.Error("could not signal the app", "err", err)
 		return err
 	}
-	if len(signalled) > 0 && !s.app.waitExit(ctx, signalled, s.cfg.exitWait, s.sleep) {
-		s.log.Warn("app still running after the signal; the kubelet takes over", "waited", s.cfg.exitWait)
+	if len(signalled) > 0 {
+		s.waitExit(ctx, "app still running after the signal", func() (bool, error) { return !slices.ContainsFunc(signalled, s.alive), nil })
 	}
 	return nil
+}
+
+// leaveSignalToKubelet ends the drain where the app is out of sight: "done"
+// releases the app's preStop, and the kubelet then signals the app. The
+// stopper waits for the app's exit only so that the proxy, stopped after
+// this hook returns, outlives the app.
+func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
+	// Before the release, as the shared shape looks for the port's owner:
+	// with nothing listening, the counts were of a port the app does not
+	// serve (a wrong --target-port, say), and a zero of them proves nothing.
+	listening, lerr := s.listening()
+	if err := s.notify("done"); err != nil {
+		s.log.Warn("could not release the app's preStop", "err", err)
+	}
+	var notFound error
+	if lerr == nil && !listening {
+		notFound = hintError{fmt.Errorf("nothing listens on port %d", s.cfg.port),
+			"set --target-port to the port the app takes its calls on: the drain counted the connections of this one"}
+	}
+	// A repeated hook (the kubelet restarted mid-termination, say) finds the
+	// app gone after the run that released it; that is no error.
+	switch err := s.record.released(ctx, "port "+strconv.Itoa(int(s.cfg.port)), notFound, s.log); {
+	case err != nil:
+		s.log.Error("could not see the app", "err", err)
+		return err
+	case notFound != nil:
+		return nil
+	}
+	s.log.Info("not signalling the app: the PID namespace is not shared, so the kubelet delivers the stop signal when the app's preStop returns")
+	listenerClosed := func() (bool, error) { listening, err := s.listening(); return !listening, err }
+	s.waitExit(ctx, "app still listening", listenerClosed, "seen_as", "its listening socket closed")
+	return nil
+}
+
+// waitExit checks every 100 ms, for up to --exit-wait, whether the app is
+// gone, and says how it went; a check that fails is not gone.
+func (s *stopper) waitExit(ctx context.Context, still string, gone func() (bool, error), attrs ...any) {
+	const step = 100 * time.Millisecond
+	from := s.now()
+	for {
+		ok, err := gone()
+		waited := s.now().Sub(from)
+		if err == nil && ok {
+			s.log.Info("app exited", append([]any{"within", waited.Round(time.Millisecond)}, attrs...)...)
+			return
+		}
+		if waited >= s.cfg.exitWait || s.sleep(ctx, min(step, s.cfg.exitWait-waited)) != nil {
+			if err != nil {
+				s.log.Warn("could not see whether the app has exited", "err", err)
+			}
+			s.log.Warn(still+"; the kubelet takes over", "waited", waited.Round(time.Millisecond))
+			return
+		}
+	}
 }
 
 // waitForCalls returns once no call is left and -min-drain has passed, or

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -24,7 +25,7 @@ func (c *fakeClock) sleep(ctx context.Context, d time.Duration) error {
 	return nil
 }
 
-// fakeApp records when it was signalled.
+// recordingApp records when it was signalled.
 type recordingApp struct {
 	clock     *fakeClock
 	signalled time.Time
@@ -35,13 +36,7 @@ type recordingApp struct {
 func (a *recordingApp) signal(context.Context) ([]process, error) {
 	a.signalled = a.clock.now()
 	*a.events = append(*a.events, "signal")
-	return []process{{pid: 42}}, a.signalErr
-}
-
-func (a *recordingApp) prepare() {}
-
-func (a *recordingApp) waitExit(context.Context, []process, time.Duration, func(context.Context, time.Duration) error) bool {
-	return true
+	return nil, a.signalErr
 }
 
 // counts is a script of count results, one per poll; the last one repeats.
@@ -72,7 +67,7 @@ func runScriptedStopper(t *testing.T, cfg stopperConfig, script []countResult) (
 		notify: func(msg string) error { events = append(events, msg); return nil },
 		now:    clock.now,
 		sleep:  clock.sleep,
-		app:    app,
+		signal: app.signal,
 	}
 	err := s.run(context.Background())
 	if app.signalled.IsZero() {
@@ -138,7 +133,7 @@ func TestStopperReleasesTheAppsPreStopEvenWhenSignallingFails(t *testing.T) {
 		notify: func(msg string) error { events = append(events, msg); return nil },
 		now:    clock.now,
 		sleep:  clock.sleep,
-		app:    &recordingApp{clock: clock, events: &events, signalErr: errors.New("nothing listens on port 8080")},
+		signal: (&recordingApp{clock: clock, events: &events, signalErr: errors.New("nothing listens on port 8080")}).signal,
 	}
 	if err := s.run(context.Background()); err == nil {
 		t.Fatal("a failed signal must fail the hook")
@@ -158,7 +153,7 @@ func TestStopperGoesOnWithoutAProxy(t *testing.T) {
 		notify: func(string) error { return errors.New("fifo has no reader") },
 		now:    clock.now,
 		sleep:  clock.sleep,
-		app:    &recordingApp{clock: clock, events: &events},
+		signal: (&recordingApp{clock: clock, events: &events}).signal,
 	}
 	if err := s.run(context.Background()); err != nil || len(events) != 1 {
 		t.Fatalf("run = %v, events %q; want the app signalled despite the missing proxy", err, events)
@@ -225,7 +220,7 @@ func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost t
 		notify: func(string) error { return nil },
 		now:    clock.now,
 		sleep:  clock.sleep,
-		app:    app,
+		signal: app.signal,
 	}
 	return s, app, &counts
 }
@@ -317,7 +312,7 @@ func TestStopperLogsWhatItLeavesOut(t *testing.T) {
 		notify: func(msg string) error { return nil },
 		now:    clock.now,
 		sleep:  clock.sleep,
-		app:    &recordingApp{clock: clock, events: &events},
+		signal: (&recordingApp{clock: clock, events: &events}).signal,
 	}
 	if err := s.run(context.Background()); err != nil {
 		t.Fatal(err)
@@ -333,5 +328,175 @@ func TestStopperLogsWhatItLeavesOut(t *testing.T) {
 	}
 	if n := strings.Count(log.String(), "count=2"); n != 1 {
 		t.Errorf("an unchanged tally was logged %d times, want once", n)
+	}
+}
+
+// TestStopperInItsOwnPIDNamespaceSignalsNothing: where the app is out of
+// sight, the drain is the same, "done" comes at zero or at -timeout, nothing
+// is signalled, and the app's exit is seen as its listener closing.
+func TestStopperInItsOwnPIDNamespaceSignalsNothing(t *testing.T) {
+	lookupFailed := errors.New("netlink sock_diag reply: timeout")
+	cfg := stopperConfig{interval: time.Second, minDrain: 5 * time.Second, timeout: 30 * time.Second, exitWait: 10 * time.Second}
+	tests := []struct {
+		name      string
+		counts    []countResult
+		listening []countResult // n > 0: still listening, per lookup; the last repeats
+		wantDone  time.Duration // when "done" is sent
+		wantLog   []string
+	}{
+		{"done at zero; exit seen when the listener closes", []countResult{{2, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {1, nil}, {0, nil}},
+			[]countResult{{1, nil}, {1, nil}, {1, nil}, {0, nil}}, 6 * time.Second,
+			[]string{"pid_namespace=private", "the kubelet delivers the stop signal", `msg="app exited" within=200ms seen_as="its listening socket closed"`}},
+		{"done at -timeout with a call open", []countResult{{1, nil}},
+			[]countResult{{1, nil}, {0, nil}}, 30 * time.Second,
+			[]string{"drain timeout", "connections=1", `msg="app exited" within=0s`}},
+		{"an app that keeps listening is left to the kubelet after -exit-wait", []countResult{{0, nil}},
+			[]countResult{{1, nil}}, 5 * time.Second,
+			[]string{"app still listening; the kubelet takes over", "waited=10s"}},
+		{"a failed lookup is not an exit", []countResult{{0, nil}},
+			[]countResult{{1, nil}, {1, nil}, {0, lookupFailed}, {0, lookupFailed}, {0, nil}}, 5 * time.Second,
+			[]string{`msg="app exited" within=300ms`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+			clock := &fakeClock{t: start}
+			var events []string
+			var done time.Time
+			var log strings.Builder
+			counts, lookups := 0, 0
+			s := &stopper{
+				cfg: cfg,
+				log: slog.New(slog.NewTextHandler(&log, nil)),
+				count: func() (tally, error) {
+					r := tt.counts[min(counts, len(tt.counts)-1)]
+					counts++
+					return tally{calls: r.n}, r.err
+				},
+				notify: func(msg string) error {
+					events = append(events, msg)
+					if msg == "done" {
+						done = clock.now()
+					}
+					return nil
+				},
+				now:             clock.now,
+				sleep:           clock.sleep,
+				signal:          (&recordingApp{clock: clock, events: &events}).signal,
+				ownPIDNamespace: true,
+				listening: func() (bool, error) {
+					r := tt.listening[min(lookups, len(tt.listening)-1)]
+					lookups++
+					return r.n > 0, r.err
+				},
+			}
+			if err := s.run(context.Background()); err != nil {
+				t.Fatalf("stopper: %v\n%s", err, &log)
+			}
+			if !slices.Equal(events, []string{"drain", "done"}) {
+				t.Errorf("events %q; want drain, then done, and no signal", events)
+			}
+			if got := done.Sub(start); got != tt.wantDone {
+				t.Errorf("done sent at %v, want %v\n%s", got, tt.wantDone, &log)
+			}
+			for _, want := range tt.wantLog {
+				if !strings.Contains(log.String(), want) {
+					t.Errorf("log lacks %q:\n%s", want, &log)
+				}
+			}
+		})
+	}
+}
+
+// TestStopperInItsOwnPIDNamespaceRefusesAPortNobodyListensOn: a wrong
+// --target-port counts zero at once; in the shared shape that is the error
+// "nothing listens on port N", and here too it must not pass for a drain
+// and an exit ("app exited within=0s", exit 0) while the app's real port
+// still holds calls.
+func TestStopperInItsOwnPIDNamespaceRefusesAPortNobodyListensOn(t *testing.T) {
+	clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	var events []string
+	var log strings.Builder
+	s := &stopper{
+		cfg:             stopperConfig{calls: calls{port: 8090}, interval: time.Second, minDrain: 5 * time.Second, exitWait: 10 * time.Second},
+		log:             slog.New(slog.NewTextHandler(&log, nil)),
+		count:           func() (tally, error) { return tally{}, nil },
+		notify:          func(msg string) error { events = append(events, msg); return nil },
+		now:             clock.now,
+		sleep:           clock.sleep,
+		signal:          (&recordingApp{clock: clock, events: &events}).signal,
+		ownPIDNamespace: true,
+		listening:       func() (bool, error) { return false, nil },
+	}
+	err := s.run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "nothing listens on port 8090") {
+		t.Errorf("stopper on a port nobody listens on: %v; want the error, as in the shared shape\n%s", err, &log)
+	}
+	if strings.Contains(log.String(), "app exited") {
+		t.Errorf("the log claims the app exited:\n%s", &log)
+	}
+	if !slices.Equal(events, []string{"drain", "done"}) {
+		t.Errorf("events %q; want drain, then done (the app's preStop released all the same)", events)
+	}
+}
+
+// TestStopperInItsOwnPIDNamespaceRunTwice: a hook run again after the app
+// exited (the kubelet restarted mid-termination, say) finds nothing
+// listening; the record of the first run's release makes that no error.
+func TestStopperInItsOwnPIDNamespaceRunTwice(t *testing.T) {
+	record := signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")}
+	for i, appListens := range []bool{true, false} {
+		clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+		var events []string
+		var log strings.Builder
+		lookups := 0
+		s := &stopper{
+			cfg:    stopperConfig{calls: calls{port: 8080}, interval: time.Second, exitWait: time.Second},
+			log:    slog.New(slog.NewTextHandler(&log, nil)),
+			count:  func() (tally, error) { return tally{}, nil },
+			notify: func(msg string) error { events = append(events, msg); return nil },
+			now:    clock.now, sleep: clock.sleep,
+			signal:          (&recordingApp{clock: clock, events: &events}).signal,
+			ownPIDNamespace: true,
+			record:          record,
+			listening: func() (bool, error) {
+				lookups++
+				return appListens && lookups == 1, nil // the first run's app exits on its release
+			},
+		}
+		if err := s.run(context.Background()); err != nil {
+			t.Fatalf("run %d: %v\n%s", i+1, err, &log)
+		}
+		if !slices.Equal(events, []string{"drain", "done"}) {
+			t.Errorf("run %d: events %q", i+1, events)
+		}
+	}
+}
+
+// TestStopperWaitsForTheSignalledAppToExit: after the signal, the stopper
+// says when the app exited, or that the kubelet takes over at --exit-wait.
+func TestStopperWaitsForTheSignalledAppToExit(t *testing.T) {
+	for _, tt := range []struct {
+		checks int // alive answers true this many times
+		want   string
+	}{
+		{2, `msg="app exited" within=200ms`},
+		{1000, `msg="app still running after the signal; the kubelet takes over" waited=1s`},
+	} {
+		clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+		var log strings.Builder
+		checks := 0
+		s := &stopper{
+			cfg:    stopperConfig{interval: time.Second, exitWait: time.Second},
+			log:    slog.New(slog.NewTextHandler(&log, nil)),
+			count:  func() (tally, error) { return tally{}, nil },
+			notify: func(string) error { return nil },
+			now:    clock.now, sleep: clock.sleep,
+			signal: func(context.Context) ([]process, error) { return []process{{pid: 42}}, nil },
+			alive:  func(process) bool { checks++; return checks <= tt.checks },
+		}
+		if err := s.run(context.Background()); err != nil || !strings.Contains(log.String(), tt.want) {
+			t.Errorf("run = %v; log lacks %q:\n%s", err, tt.want, &log)
+		}
 	}
 }
