@@ -216,3 +216,38 @@ func buildVersion() string {
 	}
 	return "(devel)"
 }
+
+const countHelp = `usage: wsdrain count [flags]
+
+Prints the number of calls: ESTABLISHED connections whose local port is
+--target-port, in this network namespace, less those the --ignore flags leave
+out. Run it in the sidecar to see the live calls.
+
+example:
+  kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
+
+exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
+`
+
+func runCount(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("count", flag.ContinueOnError)
+	flags := addCallFlags(fs)
+	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
+		return err
+	}
+	c, err := flags.calls("count")
+	if err != nil {
+		return err
+	}
+	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
+	src, err := openSource(c, warn)
+	if err != nil {
+		return fmt.Errorf("count: %w", err)
+	}
+	t, err := src.established(c.port, c.exclude)
+	if err != nil {
+		return fmt.Errorf("count: %w", err)
+	}
+	fmt.Fprintln(stdout, t.calls)
+	return nil
+}

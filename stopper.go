@@ -127,11 +127,10 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return s.run(ctx)
 }
 
-// subscribeIfNetlink subscribes to the kernel's socket destroy events when
-// counts come from netlink. It returns no waiter, and the stopper polls only,
-// with /proc (which must keep working where netlink is refused) or when the
-// subscription is refused; that is logged once.
-func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (eventWaiter, func()) {
+// subscribeIfNetlink returns a wait that a destroy event on the port cuts
+// short, or nil where counts come from /proc or events are refused: then the
+// stopper polls only, as it says once.
+func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (wait func(context.Context, time.Duration) (bool, error), stop func()) {
 	if source != "netlink" {
 		return nil, func() {}
 	}
@@ -142,38 +141,27 @@ func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (eventWait
 		log.Warn("socket destroy events unavailable; polling every --interval only", "err", err)
 		return nil, func() {}
 	}
-	return destroyWait(wake), stop
-}
-
-// eventWaiter sleeps for at most d and reports whether a destroy event on
-// the target port cut the sleep short.
-type eventWaiter interface {
-	wait(ctx context.Context, d time.Duration) (woken bool, err error)
-}
-
-// destroyWait is the real eventWaiter: a value on the channel is an event.
-type destroyWait <-chan struct{}
-
-func (w destroyWait) wait(ctx context.Context, d time.Duration) (woken bool, err error) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return false, nil
-	case <-w:
-		return true, nil
-	case <-ctx.Done():
-		return false, ctx.Err()
-	}
+	return func(ctx context.Context, d time.Duration) (bool, error) {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return false, nil
+		case <-wake:
+			return true, nil
+		case <-ctx.Done():
+			return false, ctx.Err()
+		}
+	}, stop
 }
 
 // stopper is the drain loop; its boundaries are fields so tests can drive it.
 type stopper struct {
 	cfg    stopperConfig
 	log    *slog.Logger
-	source string               // where counts come from, for the log
-	events eventWaiter          // nil: no destroy events, poll only
-	cpu    func() time.Duration // CPU used so far; read only with events
+	source string                                                             // where counts come from, for the log
+	events func(ctx context.Context, d time.Duration) (woken bool, err error) // nil: poll only
+	cpu    func() time.Duration                                               // CPU used so far; read only with events
 	count  func() (tally, error)
 	notify func(msg string) error
 	now    func() time.Time
@@ -366,7 +354,7 @@ func (s *stopper) pause(ctx context.Context, d time.Duration) (woken bool, err e
 		return false, s.sleep(ctx, d)
 	}
 	from := s.now()
-	if woken, err = s.events.wait(ctx, d); err != nil || !woken {
+	if woken, err = s.events(ctx, d); err != nil || !woken {
 		return woken, err
 	}
 	if rest := min(s.readyAt.Sub(s.now()), d-s.now().Sub(from)); rest > 0 {
@@ -439,39 +427,4 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-}
-
-const countHelp = `usage: wsdrain count [flags]
-
-Prints the number of calls: ESTABLISHED connections whose local port is
---target-port, in this network namespace, less those the --ignore flags leave
-out. Run it in the sidecar to see the live calls.
-
-example:
-  kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
-
-exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
-`
-
-func runCount(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("count", flag.ContinueOnError)
-	flags := addCallFlags(fs)
-	if err := parseFlags(fs, countHelp, args, stdout); err != nil {
-		return err
-	}
-	c, err := flags.calls("count")
-	if err != nil {
-		return err
-	}
-	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
-	src, err := openSource(c, warn)
-	if err != nil {
-		return fmt.Errorf("count: %w", err)
-	}
-	t, err := src.established(c.port, c.exclude)
-	if err != nil {
-		return fmt.Errorf("count: %w", err)
-	}
-	fmt.Fprintln(stdout, t.calls)
-	return nil
 }

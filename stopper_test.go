@@ -200,16 +200,17 @@ func (e *fakeEvents) wait(ctx context.Context, d time.Duration) (bool, error) {
 
 // eventStopper is a stopper on a fake clock whose count is a function of
 // the time since the start and costs cost of that clock.
-func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost time.Duration) (*stopper, *recordingApp, *int) {
+func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost time.Duration) (*stopper, *fakeEvents, *recordingApp, *int) {
 	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	clock := &fakeClock{t: start}
 	var events []string
 	counts := 0
 	app := &recordingApp{clock: clock, events: &events}
+	fe := &fakeEvents{clock: clock}
 	s := &stopper{
 		cfg:    cfg,
 		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		events: &fakeEvents{clock: clock},
+		events: fe.wait,
 		cpu:    func() time.Duration { return clock.t.Sub(start) }, // counting is all it does
 		count: func() (tally, error) {
 			counts++
@@ -222,21 +223,20 @@ func eventStopper(cfg stopperConfig, count func(since time.Duration) int, cost t
 		sleep:  clock.sleep,
 		signal: app.signal,
 	}
-	return s, app, &counts
+	return s, fe, app, &counts
 }
 
 func TestStopperRecountsOnADestroyEvent(t *testing.T) {
 	lastClose := 2300 * time.Millisecond
 	cfg := stopperConfig{interval: 5 * time.Second}
-	s, app, _ := eventStopper(cfg, func(since time.Duration) int {
+	s, fe, app, _ := eventStopper(cfg, func(since time.Duration) int {
 		if since < lastClose {
 			return 1
 		}
 		return 0
 	}, time.Millisecond)
-	clock := s.events.(*fakeEvents).clock
-	start := clock.t
-	s.events.(*fakeEvents).next = start.Add(lastClose)
+	start := fe.clock.t
+	fe.next = start.Add(lastClose)
 	if err := s.run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -250,8 +250,7 @@ func TestStopperRecountsOnADestroyEvent(t *testing.T) {
 func TestStopperRateLimitsRecounts(t *testing.T) {
 	cfg := stopperConfig{interval: 5 * time.Second, timeout: 11 * time.Second}
 	cost := 100 * time.Millisecond
-	s, _, counts := eventStopper(cfg, func(time.Duration) int { return 50_000 }, cost)
-	fe := s.events.(*fakeEvents)
+	s, fe, _, counts := eventStopper(cfg, func(time.Duration) int { return 50_000 }, cost)
 	fe.next, fe.period = fe.clock.t, 5*time.Millisecond
 	if err := s.run(context.Background()); err != nil {
 		t.Fatal(err)
@@ -272,7 +271,7 @@ func TestStopperRateLimitsRecounts(t *testing.T) {
 func TestStopperAnswersTheLastCallsAtOnce(t *testing.T) {
 	first, second := 2*time.Second, 2*time.Second+5*time.Millisecond
 	cost := 11 * time.Millisecond
-	s, app, _ := eventStopper(stopperConfig{interval: 5 * time.Second}, func(since time.Duration) int {
+	s, fe, app, _ := eventStopper(stopperConfig{interval: 5 * time.Second}, func(since time.Duration) int {
 		switch {
 		case since < first:
 			return 2
@@ -281,7 +280,6 @@ func TestStopperAnswersTheLastCallsAtOnce(t *testing.T) {
 		}
 		return 0
 	}, cost)
-	fe := s.events.(*fakeEvents)
 	start := fe.clock.t
 	fe.next, fe.period = start.Add(first), second-first
 	if err := s.run(context.Background()); err != nil {
