@@ -36,8 +36,8 @@ stops, or no drain began within -drain-start-wait (a GET /drain with a body
 gets 400). Only the app's final status, its Content-Type and at most 4 KiB of
 its body are passed on.
 
-At most 256 connections are served at once (the rest wait in the kernel's
-queue), idle ones are closed after 5s, and the Go runtime keeps its memory
+At most 256 connections are served at once, 32 from any one address (the
+rest are closed at once), idle ones are closed after 5s, and the Go runtime keeps its memory
 under 24MiB unless GOMEMLIMIT is set: the sidecar's limit in k8s.yaml is 64Mi.
 
 example:
@@ -65,10 +65,14 @@ wsdrain_build_info. It never asks the app; scrapes share one count a second.
 ` + countFlagsHelp
 
 // maxConns bounds the proxy's connections, and with them its memory (up to
-// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The kubelet needs a few: a
-// probe at a time and a GET /drain per hook run. The rest wait in the
-// kernel's accept queue, where they cost the proxy nothing.
-const maxConns = 256
+// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The
+// kubelet needs a few: a probe at a time and a GET /drain per hook run. No
+// address may hold more than maxConnsPerAddress, so a flood from one leaves
+// the node's address (the kubelet's) most of the room.
+const (
+	maxConns           = 256
+	maxConnsPerAddress = 32
+)
 
 // defaultMemoryLimit is the Go runtime's soft limit for the proxy, well
 // under the 64 MiB that k8s.yaml gives the sidecar, whose stopper (a hook)
@@ -183,7 +187,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns)) }()
+	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress)) }()
 	select {
 	case err := <-serveErr:
 		return err
@@ -466,37 +470,55 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// limitListener accepts no more than cap(slots) connections at a time; a
-// connection gives its slot back when it is closed.
+// limitListener accepts every connection as it comes, so that the kernel's
+// accept queue never fills (the kubelet's client has no dial timeout: its
+// connection would wait there for minutes), and closes at once those beyond
+// total or beyond perAddress from one remote address. A connection gives its
+// slot back when it is closed.
 type limitListener struct {
 	net.Listener
-	slots     chan struct{}
-	closed    chan struct{}
-	closeOnce sync.Once
+	total, perAddress int
+	mu                sync.Mutex
+	open              map[string]int // open connections by remote address
+	n                 int
 }
 
-func newLimitListener(ln net.Listener, n int) *limitListener {
-	return &limitListener{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+func newLimitListener(ln net.Listener, total, perAddress int) *limitListener {
+	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
-	select {
-	case l.slots <- struct{}{}:
-	case <-l.closed:
-		return nil, net.ErrClosed
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+		if l.take(addr) {
+			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.give(addr) })}, nil
+		}
+		c.Close()
 	}
-	c, err := l.Listener.Accept()
-	if err != nil {
-		<-l.slots
-		return nil, err
-	}
-	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
 }
 
-// Close also ends an Accept that waits for a slot.
-func (l *limitListener) Close() error {
-	l.closeOnce.Do(func() { close(l.closed) })
-	return l.Listener.Close()
+func (l *limitListener) take(addr string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n >= l.total || l.open[addr] >= l.perAddress {
+		return false
+	}
+	l.n++
+	l.open[addr]++
+	return true
+}
+
+func (l *limitListener) give(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.n--
+	if l.open[addr]--; l.open[addr] == 0 {
+		delete(l.open, addr)
+	}
 }
 
 type limitedConn struct {
