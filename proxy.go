@@ -208,6 +208,7 @@ type proxy struct {
 	drainOnce, releaseOnce, stopOnce sync.Once
 	lastHealth                       atomic.Int64   // last status, or -1 for an error
 	waiters                          sync.WaitGroup // GET /drain on connections taken from the server
+	drainLog                         *quietLog      // GET /drain may come from anyone who reaches the port
 	metrics                          http.Handler   // GET /metrics; nil: not served
 }
 
@@ -219,6 +220,7 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		draining:       make(chan struct{}),
 		released:       make(chan struct{}),
 		stopping:       make(chan struct{}),
+		drainLog:       &quietLog{log: logger.Info, summary: "app preStop: more"},
 	}
 	p.health = &httputil.ReverseProxy{
 		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
@@ -371,13 +373,13 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 		io.CopyN(io.Discard, conn, 4<<10)
 		cancel()
 	}()
-	p.log.Info("app preStop waiting", "remote", r.RemoteAddr)
+	p.drainLog.event("waiting", "app preStop waiting", "remote", r.RemoteAddr)
 	reason := p.awaitRelease(gone)
 	if reason == "" {
-		p.log.Info("app preStop gave up waiting", "remote", r.RemoteAddr)
+		p.drainLog.event("gave_up", "app preStop gave up waiting", "remote", r.RemoteAddr)
 		return
 	}
-	p.log.Info("app preStop released", "reason", reason)
+	p.drainLog.event("released", "app preStop released", "reason", reason)
 	body := reason + "\n"
 	head := fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", len(body))
 	if r.Method == http.MethodHead {
@@ -418,7 +420,7 @@ const pipeLinePrefix = "pipe: "
 
 // fifoEvents wires the drain pipe to the proxy's state and log.
 func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
-	warnings := &quietWarnings{warn: p.log.Warn}
+	warnings := &quietLog{log: p.log.Warn, summary: "fifo: ignored more messages"}
 	return fifoEvents{
 		drain: func() {
 			p.drainOnce.Do(func() {
@@ -433,7 +435,9 @@ func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
 			})
 		},
 		stopperLog: func(line []byte) { fmt.Fprintf(out, "%s%s\n", pipeLinePrefix, line) },
-		ignored:    warnings.ignored,
+		ignored: func(why string, preview []byte) {
+			warnings.event("count", "fifo: ignored message", "why", why, "start", string(preview))
+		},
 	}
 }
 

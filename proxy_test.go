@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -465,7 +466,7 @@ func TestDrainPathHoldsEveryWaiterUntilDone(t *testing.T) {
 	for range 20 {
 		waiters = append(waiters, getDrain(p.url))
 	}
-	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	waitFor(t, "20 waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == 20 })
 	p.send(t, "drain")
 	for i, w := range waiters {
 		select {
@@ -513,7 +514,7 @@ func TestDrainPathForgetsClientsThatLeft(t *testing.T) {
 		drainRequestFrom(t, from, p.url, "\r\n").Close()
 	}
 	waitFor(t, "every abandoned waiter to be freed", func() bool {
-		return strings.Count(p.out.String(), "app preStop gave up waiting") == maxConns+8
+		return drainLogCount(p.out.String(), "gave_up") == maxConns+8
 	})
 	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
 }
@@ -528,7 +529,7 @@ func TestDrainPathForgetsClientsThatLeftAfterOneMoreByte(t *testing.T) {
 	for range 20 {
 		conns = append(conns, drainRequest(t, p.url, "\r\n"))
 	}
-	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	waitFor(t, "20 waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == 20 })
 	for _, c := range conns {
 		io.WriteString(c, "G")
 	}
@@ -537,7 +538,7 @@ func TestDrainPathForgetsClientsThatLeftAfterOneMoreByte(t *testing.T) {
 		c.Close()
 	}
 	waitFor(t, "every abandoned waiter to be freed", func() bool {
-		return strings.Count(p.out.String(), "app preStop gave up waiting") == 20
+		return drainLogCount(p.out.String(), "gave_up") == 20
 	})
 	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
 }
@@ -709,4 +710,41 @@ func TestProxyLeavesTheNodeRoomDuringAFlood(t *testing.T) {
 		t.Fatalf("the node's probe during a flood: %d, want the app's 200", resp.StatusCode)
 	}
 	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
+}
+
+// drainLogCount is how many GET /drain events of a kind ("waiting",
+// "released", "gave_up") the proxy's log reports, counting those it summed up.
+func drainLogCount(log, kind string) int {
+	full := map[string]string{"waiting": "app preStop waiting", "released": "app preStop released", "gave_up": "app preStop gave up waiting"}
+	n := strings.Count(log, `msg="`+full[kind]+`"`)
+	for _, m := range regexp.MustCompile(`msg="app preStop: more".* `+kind+`=(\d+)`).FindAllStringSubmatch(log, -1) {
+		k, _ := strconv.Atoi(m[1])
+		n += k
+	}
+	return n
+}
+
+func TestDrainPathDoesNotFloodTheLog(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	p.send(t, "drain")
+	p.send(t, "done")
+	waitFor(t, "the stopper's done", func() bool { return strings.Contains(p.out.String(), "stopper is done") })
+	// Anyone who reaches the port can repeat GET /drain, answered at once
+	// after done: the log must keep one line for the first waiter, one for
+	// its release, and sum up the rest at most once a second.
+	const n = 300
+	start := time.Now()
+	for range n {
+		if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
+			t.Fatalf("GET /drain after done: %q", r)
+		}
+	}
+	seconds := int(time.Since(start)/time.Second) + 2
+	waitFor(t, "every GET /drain to be told", func() bool {
+		return drainLogCount(p.out.String(), "waiting") == n && drainLogCount(p.out.String(), "released") == n
+	})
+	if lines := strings.Count(p.out.String(), "app preStop"); lines > 2+seconds {
+		t.Errorf("%d GET /drain in under %d s wrote %d log lines; want 2 and at most one a second", n, seconds, lines)
+	}
 }
