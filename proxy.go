@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"sync"
@@ -165,6 +166,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
+	p.resume(openDrainState(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"), logger))
 	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
@@ -196,8 +198,8 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	return p.shutdown(srv)
 }
 
-// proxy is the HTTP handler; its drain state lives in memory only, so a
-// restarted sidecar starts ready rather than unready for ever.
+// proxy is the HTTP handler; its drain state is also kept beside the pipe
+// (drainState), for a proxy restarted while the pod terminates.
 type proxy struct {
 	health         *httputil.ReverseProxy
 	healthTimeout  time.Duration
@@ -209,7 +211,8 @@ type proxy struct {
 	lastHealth                       atomic.Int64   // last status, or -1 for an error
 	waiters                          sync.WaitGroup // GET /drain on connections taken from the server
 	drainLog                         *quietLog      // GET /drain may come from anyone who reaches the port
-	metrics                          http.Handler   // GET /metrics; nil: not served
+	state                            *drainState
+	metrics                          http.Handler // GET /metrics; nil: not served
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -363,6 +366,8 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	}
 	p.waiters.Add(1)
 	defer p.waiters.Done()
+	p.state.waiter(1)
+	defer p.state.waiter(-1)
 	defer conn.Close()
 	conn.SetDeadline(time.Time{})
 	gone, cancel := context.WithCancel(context.Background())
@@ -418,6 +423,21 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 // the pipe can write such a line, not only the stopper.
 const pipeLinePrefix = "pipe: "
 
+// resume takes on the state an earlier proxy of this pod left: a proxy
+// restarted while the pod terminates (KEP-4438) answers 503 from its first
+// answer, and holds GET /drain until the stopper is done.
+func (p *proxy) resume(s *drainState, terminating, done bool) {
+	p.state = s
+	if terminating {
+		p.drainOnce.Do(func() { close(p.draining) })
+		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
+	}
+	if done {
+		p.releaseOnce.Do(func() { close(p.released) })
+		p.log.Info("the stopper was done with the app before this proxy started")
+	}
+}
+
 // fifoEvents wires the drain pipe to the proxy's state and log.
 func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
 	warnings := &quietLog{log: p.log.Warn, summary: "fifo: ignored more messages"}
@@ -425,12 +445,14 @@ func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
 		drain: func() {
 			p.drainOnce.Do(func() {
 				close(p.draining)
+				p.state.drainBegun()
 				p.log.Info("drain begun: readiness answers 503 from now on")
 			})
 		},
 		done: func() {
 			p.releaseOnce.Do(func() {
 				close(p.released)
+				p.state.done()
 				p.log.Info("stopper is done with the app")
 			})
 		},

@@ -237,17 +237,67 @@ func TestProxySurvivesGarbageOnTheFIFO(t *testing.T) {
 	}
 }
 
-func TestProxyRestartStartsReady(t *testing.T) {
+// TestProxyRestartAfterADrainAloneStartsReady: a drain that no preStop of
+// the app's met is a restart of the sidecar only (its preStop runs the
+// stopper too), not the pod's end: the pod must not stay unready for good.
+func TestProxyRestartAfterADrainAloneStartsReady(t *testing.T) {
 	app := newFakeApp(t)
 	fifo := filepath.Join(t.TempDir(), "drain.fifo")
 	first := startProxy(t, app.URL+"/healthz", fifo)
 	first.send(t, "drain")
 	waitFor(t, "the first proxy to drain", func() bool { return status(t, "GET", first.url+"/") == 503 })
+	first.send(t, "done")
 	first.stop(t)
 
 	second := startProxy(t, app.URL+"/healthz", fifo)
 	if got := status(t, "GET", second.url+"/"); got != 200 {
-		t.Fatalf("a restarted proxy answered %d; want 200 (drain state must not persist)", got)
+		t.Fatalf("a proxy restarted after a drain alone answered %d; want 200", got)
+	}
+}
+
+// TestProxyRestartedDuringTerminationKeepsTheDrain: the kubelet may restart
+// the sidecar while the pod terminates (KEP-4438). A drain that met the
+// app's preStop is the pod's end: the restarted proxy must answer 503 from
+// its first answer and hold GET /drain until the stopper is done, and one
+// restarted after that must release GET /drain at once.
+func TestProxyRestartedDuringTerminationKeepsTheDrain(t *testing.T) {
+	app := newFakeApp(t)
+	fifo := filepath.Join(t.TempDir(), "drain.fifo")
+	first := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "1s")
+	held := getDrain(first.url)
+	waitFor(t, "the app's preStop to wait", func() bool { return drainLogCount(first.out.String(), "waiting") == 1 })
+	first.send(t, "drain")
+	waitFor(t, "the first proxy to drain", func() bool { return status(t, "GET", first.url+"/") == 503 })
+	first.stop(t)
+	<-held
+
+	second := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "1s")
+	if got := status(t, "GET", second.url+"/"); got != 503 {
+		t.Fatalf("a proxy restarted mid-drain first answered %d; want 503", got)
+	}
+	released := getDrain(second.url)
+	select {
+	case r := <-released:
+		t.Fatalf("GET /drain to a proxy restarted mid-drain answered %q before the stopper was done", r)
+	case <-time.After(1500 * time.Millisecond): // past --drain-start-wait
+	}
+	second.send(t, "done")
+	if r := <-released; !strings.HasPrefix(r, "200 stopper is done") {
+		t.Fatalf("GET /drain answered %q, want 200 once the stopper is done", r)
+	}
+	second.stop(t)
+
+	third := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "0")
+	if got := status(t, "GET", third.url+"/"); got != 503 {
+		t.Errorf("a proxy restarted after done answered %d; want 503", got)
+	}
+	select {
+	case r := <-getDrain(third.url):
+		if !strings.HasPrefix(r, "200 stopper is done") {
+			t.Errorf("GET /drain after done answered %q", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("GET /drain to a proxy restarted after done still waiting")
 	}
 }
 
