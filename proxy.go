@@ -38,8 +38,9 @@ gets 400). Only the app's final status, its Content-Type and at most 4 KiB of
 its body are passed on.
 
 At most 256 connections are served at once, 32 from any one address (the
-rest are closed at once), idle ones are closed after 5s, and the Go runtime keeps its memory
-under 24MiB unless GOMEMLIMIT is set: the sidecar's limit in k8s.yaml is 64Mi.
+rest are closed at once), idle ones are closed after 5s, and the Go runtime
+keeps its memory under 24MiB unless GOMEMLIMIT is set: the sidecar's limit in
+k8s.yaml is 64Mi. The drain's state is kept in wsdrain.state beside -fifo.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
@@ -189,7 +190,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress)) }()
+	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress, logger)) }()
 	select {
 	case err := <-serveErr:
 		return err
@@ -507,10 +508,12 @@ type limitListener struct {
 	mu                sync.Mutex
 	open              map[string]int // open connections by remote address
 	n                 int
+	refused           *quietLog
 }
 
-func newLimitListener(ln net.Listener, total, perAddress int) *limitListener {
-	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}}
+func newLimitListener(ln net.Listener, total, perAddress int, log *slog.Logger) *limitListener {
+	refused := &quietLog{log: log.Warn, summary: "connections closed at once: more"}
+	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}, refused: refused}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -523,6 +526,8 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if l.take(addr) {
 			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.give(addr) })}, nil
 		}
+		l.refused.event("refused", "connection closed at once: over the limit", "remote", addr,
+			"per_address", l.perAddress, "total", l.total)
 		c.Close()
 	}
 }

@@ -760,6 +760,9 @@ func TestProxyLeavesTheNodeRoomDuringAFlood(t *testing.T) {
 		t.Fatalf("the node's probe during a flood: %d, want the app's 200", resp.StatusCode)
 	}
 	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
+	if !strings.Contains(p.out.String(), "connection closed at once: over the limit") {
+		t.Errorf("the log does not tell of the flood:\n%s", p.out)
+	}
 }
 
 // drainLogCount is how many GET /drain events of a kind ("waiting",
