@@ -238,11 +238,11 @@ func BenchmarkProxyFlood(b *testing.B) {
 			for range b.N {
 				url, pid := startBenchProxy(b, startBenchApp(b))
 				before := procStatusKiB(b, pid, "VmHWM")
-				conns := flood(b, strings.TrimPrefix(strings.TrimSuffix(url, "/ready"), "http://"), 3000, kind.send)
+				conns := flood(b, strings.TrimPrefix(strings.TrimSuffix(url, "/ready"), "http://"), 3000, 100, kind.send)
 				time.Sleep(5 * time.Second)
 				b.ReportMetric(float64(before), "rss-before-KiB")
 				b.ReportMetric(float64(procStatusKiB(b, pid, "VmHWM")), "peak-rss-KiB")
-				// Its end: what waited in the kernel's queue is then served at once.
+				// Its end: every slot is freed at once.
 				for _, c := range conns {
 					c.Close()
 				}

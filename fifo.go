@@ -22,7 +22,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -223,40 +225,45 @@ func (w *fifoWriter) close() {
 	}
 }
 
-// quietWarnings logs a warning at most once a second; those that come
-// sooner are counted, and the count logged when the second is over, so a
-// writer flooding the pipe cannot flood the log.
-type quietWarnings struct {
-	warn       func(msg string, args ...any)
-	mu         sync.Mutex
-	quiet      bool // a warning was logged less than a second ago
-	suppressed int
+// quietLog logs an event in full only if none of its kind was logged in
+// the last second; it counts the others and sums them up in one line a
+// second, so that whoever can cause the events cannot flood the log. A
+// second with nothing counted ends the quiet.
+type quietLog struct {
+	log     func(msg string, args ...any)
+	summary string // the message of the line that sums up
+	mu      sync.Mutex
+	logged  map[string]bool // kinds logged in full since the quiet began; nil: not quiet
+	counts  map[string]int  // events not logged, by kind
 }
 
-func (q *quietWarnings) ignored(why string, preview []byte) {
+func (q *quietLog) event(kind, msg string, args ...any) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.quiet {
-		q.suppressed++
+	if q.logged[kind] {
+		q.counts[kind]++
 		return
 	}
-	q.warn("fifo: ignored message", "why", why, "start", string(preview))
-	q.keepQuiet()
+	q.log(msg, args...)
+	if q.logged == nil {
+		q.logged, q.counts = map[string]bool{}, map[string]int{}
+		time.AfterFunc(time.Second, q.sumUp)
+	}
+	q.logged[kind] = true
 }
 
-func (q *quietWarnings) keepQuiet() {
-	q.quiet = true
-	time.AfterFunc(time.Second, q.endQuiet)
-}
-
-func (q *quietWarnings) endQuiet() {
+func (q *quietLog) sumUp() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.suppressed == 0 {
-		q.quiet = false
+	if len(q.counts) == 0 {
+		q.logged = nil
 		return
 	}
-	q.warn("fifo: ignored more messages", "count", q.suppressed)
-	q.suppressed = 0
-	q.keepQuiet()
+	var args []any
+	for _, kind := range slices.Sorted(maps.Keys(q.counts)) {
+		args = append(args, kind, q.counts[kind])
+	}
+	q.log(q.summary, args...)
+	clear(q.counts)
+	time.AfterFunc(time.Second, q.sumUp)
 }

@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"sync"
@@ -34,18 +35,24 @@ GET /drain is the app's preStop: it answers only when the stopper is done, the
 proxy stops, or no drain began within --drain-start-wait. GET /metrics gives
 wsdrain_connections (counted as the stopper counts: give the proxy the
 stopper's --target-port and --ignore flags), wsdrain_draining,
-wsdrain_app_healthy and wsdrain_build_info. The Go runtime keeps its memory
-under 24MiB unless GOMEMLIMIT is set.
+wsdrain_app_healthy and wsdrain_build_info. It serves at most 256
+connections, 32 from any one address, and closes the rest at once. The Go
+runtime keeps its memory under 24MiB unless GOMEMLIMIT is set. The drain's
+state is kept in wsdrain.state beside --fifo, for a proxy restarted mid-drain.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
 `
 
 // maxConns bounds the proxy's connections, and with them its memory (up to
-// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The kubelet needs a few: a
-// probe at a time and a GET /drain per hook run. The rest wait in the
-// kernel's accept queue, where they cost the proxy nothing.
-const maxConns = 256
+// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The
+// kubelet needs a few: a probe at a time and a GET /drain per hook run. No
+// address may hold more than maxConnsPerAddress, so a flood from one leaves
+// the node's address (the kubelet's) most of the room.
+const (
+	maxConns           = 256
+	maxConnsPerAddress = 32
+)
 
 // defaultMemoryLimit is the Go runtime's soft limit for the proxy, well
 // under the 64 MiB that k8s.yaml gives the sidecar, whose stopper (a hook)
@@ -132,6 +139,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
+	p.resume(openDrainState(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"), logger))
 	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
@@ -154,7 +162,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns)) }()
+	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress, logger)) }()
 	select {
 	case err := <-serveErr:
 		return err
@@ -163,8 +171,8 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	return p.shutdown(srv)
 }
 
-// proxy is the HTTP handler; its drain state lives in memory only, so a
-// restarted sidecar starts ready rather than unready for ever.
+// proxy is the HTTP handler; its drain state is also kept beside the pipe
+// (drainState), for a proxy restarted while the pod terminates.
 type proxy struct {
 	health         *httputil.ReverseProxy
 	healthTimeout  time.Duration
@@ -175,7 +183,9 @@ type proxy struct {
 	drainOnce, releaseOnce, stopOnce sync.Once
 	lastHealth                       atomic.Int64   // last status, or -1 for an error
 	waiters                          sync.WaitGroup // GET /drain on connections taken from the server
-	metrics                          http.Handler   // GET /metrics; nil: not served
+	drainLog                         *quietLog      // GET /drain may come from anyone who reaches the port
+	state                            *drainState
+	metrics                          http.Handler // GET /metrics; nil: not served
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -186,6 +196,7 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		draining:       make(chan struct{}),
 		released:       make(chan struct{}),
 		stopping:       make(chan struct{}),
+		drainLog:       &quietLog{log: logger.Info, summary: "app preStop: more"},
 	}
 	p.health = &httputil.ReverseProxy{
 		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
@@ -328,6 +339,8 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	}
 	p.waiters.Add(1)
 	defer p.waiters.Done()
+	p.state.waiter(1)
+	defer p.state.waiter(-1)
 	defer conn.Close()
 	conn.SetDeadline(time.Time{})
 	gone, cancel := context.WithCancel(context.Background())
@@ -338,13 +351,13 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 		io.CopyN(io.Discard, conn, 4<<10)
 		cancel()
 	}()
-	p.log.Info("app preStop waiting", "remote", r.RemoteAddr)
+	p.drainLog.event("waiting", "app preStop waiting", "remote", r.RemoteAddr)
 	reason := p.awaitRelease(gone)
 	if reason == "" {
-		p.log.Info("app preStop gave up waiting", "remote", r.RemoteAddr)
+		p.drainLog.event("gave_up", "app preStop gave up waiting", "remote", r.RemoteAddr)
 		return
 	}
-	p.log.Info("app preStop released", "reason", reason)
+	p.drainLog.event("released", "app preStop released", "reason", reason)
 	body := reason + "\n"
 	head := fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n", len(body))
 	if r.Method == http.MethodHead {
@@ -383,24 +396,43 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 // the pipe can write such a line, not only the stopper.
 const pipeLinePrefix = "pipe: "
 
+// resume takes on the state an earlier proxy of this pod left: a proxy
+// restarted while the pod terminates (KEP-4438) answers 503 from its first
+// answer, and holds GET /drain until the stopper is done.
+func (p *proxy) resume(s *drainState, terminating, done bool) {
+	p.state = s
+	if terminating {
+		p.drainOnce.Do(func() { close(p.draining) })
+		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
+	}
+	if done {
+		p.releaseOnce.Do(func() { close(p.released) })
+		p.log.Info("the stopper was done with the app before this proxy started")
+	}
+}
+
 // fifoEvents wires the drain pipe to the proxy's state and log.
 func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
-	warnings := &quietWarnings{warn: p.log.Warn}
+	warnings := &quietLog{log: p.log.Warn, summary: "fifo: ignored more messages"}
 	return fifoEvents{
 		drain: func() {
 			p.drainOnce.Do(func() {
 				close(p.draining)
+				p.state.drainBegun()
 				p.log.Info("drain begun: readiness answers 503 from now on")
 			})
 		},
 		done: func() {
 			p.releaseOnce.Do(func() {
 				close(p.released)
+				p.state.done()
 				p.log.Info("stopper is done with the app")
 			})
 		},
 		stopperLog: func(line []byte) { fmt.Fprintf(out, "%s%s\n", pipeLinePrefix, line) },
-		ignored:    warnings.ignored,
+		ignored: func(why string, preview []byte) {
+			warnings.event("count", "fifo: ignored message", "why", why, "start", string(preview))
+		},
 	}
 }
 
@@ -437,37 +469,59 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// limitListener accepts no more than cap(slots) connections at a time; a
-// connection gives its slot back when it is closed.
+// limitListener accepts every connection as it comes, so that the kernel's
+// accept queue never fills (the kubelet's client has no dial timeout: its
+// connection would wait there for minutes), and closes at once those beyond
+// total or beyond perAddress from one remote address. A connection gives its
+// slot back when it is closed.
 type limitListener struct {
 	net.Listener
-	slots     chan struct{}
-	closed    chan struct{}
-	closeOnce sync.Once
+	total, perAddress int
+	mu                sync.Mutex
+	open              map[string]int // open connections by remote address
+	n                 int
+	refused           *quietLog
 }
 
-func newLimitListener(ln net.Listener, n int) *limitListener {
-	return &limitListener{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+func newLimitListener(ln net.Listener, total, perAddress int, log *slog.Logger) *limitListener {
+	refused := &quietLog{log: log.Warn, summary: "connections closed at once: more"}
+	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}, refused: refused}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
-	select {
-	case l.slots <- struct{}{}:
-	case <-l.closed:
-		return nil, net.ErrClosed
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+		if l.take(addr) {
+			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.give(addr) })}, nil
+		}
+		l.refused.event("refused", "connection closed at once: over the limit", "remote", addr,
+			"per_address", l.perAddress, "total", l.total)
+		c.Close()
 	}
-	c, err := l.Listener.Accept()
-	if err != nil {
-		<-l.slots
-		return nil, err
-	}
-	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
 }
 
-// Close also ends an Accept that waits for a slot.
-func (l *limitListener) Close() error {
-	l.closeOnce.Do(func() { close(l.closed) })
-	return l.Listener.Close()
+func (l *limitListener) take(addr string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n >= l.total || l.open[addr] >= l.perAddress {
+		return false
+	}
+	l.n++
+	l.open[addr]++
+	return true
+}
+
+func (l *limitListener) give(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.n--
+	if l.open[addr]--; l.open[addr] == 0 {
+		delete(l.open, addr)
+	}
 }
 
 type limitedConn struct {

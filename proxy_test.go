@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -236,17 +237,67 @@ func TestProxySurvivesGarbageOnTheFIFO(t *testing.T) {
 	}
 }
 
-func TestProxyRestartStartsReady(t *testing.T) {
+// TestProxyRestartAfterADrainAloneStartsReady: a drain that no preStop of
+// the app's met is a restart of the sidecar only (its preStop runs the
+// stopper too), not the pod's end: the pod must not stay unready for good.
+func TestProxyRestartAfterADrainAloneStartsReady(t *testing.T) {
 	app := newFakeApp(t)
 	fifo := filepath.Join(t.TempDir(), "drain.fifo")
 	first := startProxy(t, app.URL+"/healthz", fifo)
 	first.send(t, "drain")
 	waitFor(t, "the first proxy to drain", func() bool { return status(t, "GET", first.url+"/") == 503 })
+	first.send(t, "done")
 	first.stop(t)
 
 	second := startProxy(t, app.URL+"/healthz", fifo)
 	if got := status(t, "GET", second.url+"/"); got != 200 {
-		t.Fatalf("a restarted proxy answered %d; want 200 (drain state must not persist)", got)
+		t.Fatalf("a proxy restarted after a drain alone answered %d; want 200", got)
+	}
+}
+
+// TestProxyRestartedDuringTerminationKeepsTheDrain: the kubelet may restart
+// the sidecar while the pod terminates (KEP-4438). A drain that met the
+// app's preStop is the pod's end: the restarted proxy must answer 503 from
+// its first answer and hold GET /drain until the stopper is done, and one
+// restarted after that must release GET /drain at once.
+func TestProxyRestartedDuringTerminationKeepsTheDrain(t *testing.T) {
+	app := newFakeApp(t)
+	fifo := filepath.Join(t.TempDir(), "drain.fifo")
+	first := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "1s")
+	held := getDrain(first.url)
+	waitFor(t, "the app's preStop to wait", func() bool { return drainLogCount(first.out.String(), "waiting") == 1 })
+	first.send(t, "drain")
+	waitFor(t, "the first proxy to drain", func() bool { return status(t, "GET", first.url+"/") == 503 })
+	first.stop(t)
+	<-held
+
+	second := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "1s")
+	if got := status(t, "GET", second.url+"/"); got != 503 {
+		t.Fatalf("a proxy restarted mid-drain first answered %d; want 503", got)
+	}
+	released := getDrain(second.url)
+	select {
+	case r := <-released:
+		t.Fatalf("GET /drain to a proxy restarted mid-drain answered %q before the stopper was done", r)
+	case <-time.After(1500 * time.Millisecond): // past --drain-start-wait
+	}
+	second.send(t, "done")
+	if r := <-released; !strings.HasPrefix(r, "200 stopper is done") {
+		t.Fatalf("GET /drain answered %q, want 200 once the stopper is done", r)
+	}
+	second.stop(t)
+
+	third := startProxy(t, app.URL+"/healthz", fifo, "--drain-start-wait", "0")
+	if got := status(t, "GET", third.url+"/"); got != 503 {
+		t.Errorf("a proxy restarted after done answered %d; want 503", got)
+	}
+	select {
+	case r := <-getDrain(third.url):
+		if !strings.HasPrefix(r, "200 stopper is done") {
+			t.Errorf("GET /drain after done answered %q", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("GET /drain to a proxy restarted after done still waiting")
 	}
 }
 
@@ -264,10 +315,12 @@ func TestProxyRefusesAPathThatIsNotAFIFO(t *testing.T) {
 }
 
 // getDrain starts the app's preStop request and returns its result later.
-func getDrain(url string) <-chan string {
+func getDrain(url string) <-chan string { return getDrainWith(http.DefaultClient, url) }
+
+func getDrainWith(client *http.Client, url string) <-chan string {
 	result := make(chan string, 1)
 	go func() {
-		resp, err := http.Get(url + "/drain")
+		resp, err := client.Get(url + "/drain")
 		if err != nil {
 			result <- err.Error()
 			return
@@ -436,7 +489,14 @@ func TestProxyExitsZeroOnSIGTERM(t *testing.T) {
 // lines (and body), and returns the connection.
 func drainRequest(t *testing.T, url, extra string) net.Conn {
 	t.Helper()
-	c, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	return drainRequestFrom(t, nil, url, extra)
+}
+
+// drainRequestFrom is drainRequest from a local address such as 127.0.0.2.
+func drainRequestFrom(t *testing.T, from net.IP, url, extra string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: from}}
+	c, err := d.Dial("tcp", strings.TrimPrefix(url, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -456,7 +516,7 @@ func TestDrainPathHoldsEveryWaiterUntilDone(t *testing.T) {
 	for range 20 {
 		waiters = append(waiters, getDrain(p.url))
 	}
-	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	waitFor(t, "20 waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == 20 })
 	p.send(t, "drain")
 	for i, w := range waiters {
 		select {
@@ -495,14 +555,16 @@ func TestDrainPathForgetsClientsThatLeft(t *testing.T) {
 	app := newFakeApp(t)
 	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
 	// More than the proxy holds connections, sent and closed before a
-	// rollout, with a body Go never reads (so it does not see the close) or
-	// without one (so it must see the close and free the connection).
-	for range maxConns + 8 {
-		drainRequest(t, p.url, "Content-Length: 5\r\n\r\nhello").Close()
-		drainRequest(t, p.url, "\r\n").Close()
+	// rollout from 16 addresses, with a body Go never reads (so it does not
+	// see the close) or without one (so it must see the close and free the
+	// connection).
+	for i := range maxConns + 8 {
+		from := net.IPv4(127, 0, 1, byte(1+i%16))
+		drainRequestFrom(t, from, p.url, "Content-Length: 5\r\n\r\nhello").Close()
+		drainRequestFrom(t, from, p.url, "\r\n").Close()
 	}
 	waitFor(t, "every abandoned waiter to be freed", func() bool {
-		return strings.Count(p.out.String(), "app preStop gave up waiting") == maxConns+8
+		return drainLogCount(p.out.String(), "gave_up") == maxConns+8
 	})
 	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
 }
@@ -517,7 +579,7 @@ func TestDrainPathForgetsClientsThatLeftAfterOneMoreByte(t *testing.T) {
 	for range 20 {
 		conns = append(conns, drainRequest(t, p.url, "\r\n"))
 	}
-	waitFor(t, "20 waiters", func() bool { return strings.Count(p.out.String(), "app preStop waiting") == 20 })
+	waitFor(t, "20 waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == 20 })
 	for _, c := range conns {
 		io.WriteString(c, "G")
 	}
@@ -526,7 +588,7 @@ func TestDrainPathForgetsClientsThatLeftAfterOneMoreByte(t *testing.T) {
 		c.Close()
 	}
 	waitFor(t, "every abandoned waiter to be freed", func() bool {
-		return strings.Count(p.out.String(), "app preStop gave up waiting") == 20
+		return drainLogCount(p.out.String(), "gave_up") == 20
 	})
 	drainHeldUntilDone(t, p, getDrain(p.url), 500*time.Millisecond)
 }
@@ -560,9 +622,10 @@ func TestProxyPassesNo1xxFromTheApp(t *testing.T) {
 	}
 }
 
-// flood opens n connections to addr, each sending send (perhaps nothing),
-// as any client that can reach the proxy's port could.
-func flood(t testing.TB, addr string, n int, send string) []net.Conn {
+// flood opens n connections to addr from as many addresses (127.0.2.x),
+// each sending send (perhaps nothing), as any client that can reach the
+// proxy's port could.
+func flood(t testing.TB, addr string, n, addresses int, send string) []net.Conn {
 	t.Helper()
 	conns := make([]net.Conn, 0, n)
 	t.Cleanup(func() {
@@ -570,8 +633,9 @@ func flood(t testing.TB, addr string, n int, send string) []net.Conn {
 			c.Close()
 		}
 	})
-	for range n {
-		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	for i := range n {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 2, byte(1+i%addresses))}}
+		c, err := d.Dial("tcp", addr)
 		if err != nil {
 			t.Fatalf("flood: %v after %d connections", err, len(conns))
 		}
@@ -614,8 +678,9 @@ func TestProxySurvivesAConnectionFlood(t *testing.T) {
 	url := "http://" + addr
 	waitFor(t, "the proxy to answer", func() bool { return probe(url) == 200 })
 
-	// Each asks once, then idles on the kept-alive connection.
-	conns := flood(t, addr, 3000, "GET /ready HTTP/1.1\r\nHost: pod\r\n\r\n")
+	// Each asks once, then idles on the kept-alive connection; from 100
+	// addresses, so that together they reach maxConns.
+	conns := flood(t, addr, 3000, 100, "GET /ready HTTP/1.1\r\nHost: pod\r\n\r\n")
 	time.Sleep(time.Second) // let the proxy take what it will
 	// 40 MiB leaves the stopper room under the 64 MiB limit; the figures
 	// measured (21-30 MiB) are in BENCHMARKS.md.
@@ -627,8 +692,7 @@ func TestProxySurvivesAConnectionFlood(t *testing.T) {
 		c.Close()
 	}
 	waitFor(t, "readiness after the flood", func() bool { return probe(url) == 200 })
-	// The peak comes when the flood ends: every connection waiting in the
-	// kernel's queue is then accepted and its request served at once.
+	// The end of the flood frees every slot at once.
 	if peak := procStatusKiB(t, cmd.Process.Pid, "VmHWM"); peak > most {
 		t.Errorf("peak RSS once 3000 idle connections closed: %d KiB; want under %d KiB", peak, most)
 	}
@@ -671,5 +735,69 @@ func TestProxySetsAMemoryLimitUnlessGOMEMLIMITDoes(t *testing.T) {
 	startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo")).stop(t)
 	if got := debug.SetMemoryLimit(-1); got != 24<<20 {
 		t.Errorf("memory limit %d, want 24 MiB, well under the sidecar's 64 MiB in k8s.yaml", got)
+	}
+}
+
+// TestProxyLeavesTheNodeRoomDuringAFlood: one address holding GET /drain
+// waiters and idle connections must leave room for the kubelet, which comes
+// from the node's address (127.0.0.2 here): its probe is answered within its
+// 1 s timeout, and its preStop is held until the stopper is done.
+func TestProxyLeavesTheNodeRoomDuringAFlood(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	addr := strings.TrimPrefix(p.url, "http://")
+	flood(t, addr, maxConns+100, 1, "GET /drain HTTP/1.1\r\nHost: pod\r\n\r\n")
+	flood(t, addr, 100, 1, "")
+	node := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	kubelet := &http.Client{Transport: &http.Transport{DialContext: node.DialContext, DisableKeepAlives: true}}
+	probe := &http.Client{Timeout: time.Second, Transport: kubelet.Transport}
+	resp, err := probe.Get(p.url + "/ready")
+	if err != nil {
+		t.Fatalf("the node's probe during a flood from another address: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("the node's probe during a flood: %d, want the app's 200", resp.StatusCode)
+	}
+	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
+	if !strings.Contains(p.out.String(), "connection closed at once: over the limit") {
+		t.Errorf("the log does not tell of the flood:\n%s", p.out)
+	}
+}
+
+// drainLogCount is how many GET /drain events of a kind ("waiting",
+// "released", "gave_up") the proxy's log reports, counting those it summed up.
+func drainLogCount(log, kind string) int {
+	full := map[string]string{"waiting": "app preStop waiting", "released": "app preStop released", "gave_up": "app preStop gave up waiting"}
+	n := strings.Count(log, `msg="`+full[kind]+`"`)
+	for _, m := range regexp.MustCompile(`msg="app preStop: more".* `+kind+`=(\d+)`).FindAllStringSubmatch(log, -1) {
+		k, _ := strconv.Atoi(m[1])
+		n += k
+	}
+	return n
+}
+
+func TestDrainPathDoesNotFloodTheLog(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	p.send(t, "drain")
+	p.send(t, "done")
+	waitFor(t, "the stopper's done", func() bool { return strings.Contains(p.out.String(), "stopper is done") })
+	// Anyone who reaches the port can repeat GET /drain, answered at once
+	// after done: the log must keep one line for the first waiter, one for
+	// its release, and sum up the rest at most once a second.
+	const n = 300
+	start := time.Now()
+	for range n {
+		if r := <-getDrain(p.url); !strings.HasPrefix(r, "200 ") {
+			t.Fatalf("GET /drain after done: %q", r)
+		}
+	}
+	seconds := int(time.Since(start)/time.Second) + 2
+	waitFor(t, "every GET /drain to be told", func() bool {
+		return drainLogCount(p.out.String(), "waiting") == n && drainLogCount(p.out.String(), "released") == n
+	})
+	if lines := strings.Count(p.out.String(), "app preStop"); lines > 2+seconds {
+		t.Errorf("%d GET /drain in under %d s wrote %d log lines; want 2 and at most one a second", n, seconds, lines)
 	}
 }

@@ -1,8 +1,9 @@
-// record.go keeps what earlier stopper runs did (the processes signalled, a
-// release) in a file beside the drain pipe. Hooks are delivered at least
-// once, so a run may repeat or overlap another: the record lets it do
-// nothing twice and still succeed. The file is trusted only if it is ours,
-// never through a link, and its lock is waited for a bounded time.
+// record.go keeps the files beside the drain pipe: what earlier stopper runs
+// did (the processes signalled, a release), since hooks are delivered at least
+// once and a run may repeat or overlap another; and the drain's state, so that
+// a proxy restarted while the pod terminates keeps the drain. Each is trusted
+// only if it is ours, never through a link; the record's lock is waited for a
+// bounded time.
 
 package main
 
@@ -16,6 +17,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -209,5 +211,62 @@ func (r record) add(ps []process, target string) error {
 func (r record) close() {
 	if r.f != nil {
 		r.f.Close()
+	}
+}
+
+// drainState is the drain's state file, wsdrain.state, written by the proxy.
+// A drain is the pod's end only once it met a waiting preStop of the app's:
+// a drain alone is a restart of the sidecar only (its preStop runs the
+// stopper too), after which the pod must not stay unready for good, and a
+// preStop alone a restart of the app only. The file then holds "terminating",
+// and "done" once the stopper is done.
+type drainState struct {
+	f           *os.File // nil: no usable file, the state is in memory only
+	log         *slog.Logger
+	mu          sync.Mutex
+	draining    bool
+	waiters     int  // GET /drain held now
+	terminating bool // written
+}
+
+// openDrainState reads what an earlier proxy of this pod left at path and
+// clears it unless it says the pod is terminating.
+func openDrainState(path string, log *slog.Logger) (s *drainState, terminating, done bool) {
+	s = &drainState{log: log}
+	f, err := openOwnFile(path)
+	if err != nil {
+		log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
+		return s, false, false
+	}
+	b, _ := io.ReadAll(io.LimitReader(f, 4<<10))
+	lines := strings.Fields(string(b))
+	s.f, s.terminating = f, slices.Contains(lines, "terminating")
+	if !s.terminating {
+		f.Truncate(0)
+	}
+	return s, s.terminating, s.terminating && slices.Contains(lines, "done")
+}
+
+// drainBegun, waiter and done tell the state what the proxy learnt.
+func (s *drainState) drainBegun()  { s.update(func() { s.draining = true }) }
+func (s *drainState) waiter(n int) { s.update(func() { s.waiters += n }) }
+func (s *drainState) done()        { s.write("done") }
+
+func (s *drainState) update(change func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	change()
+	if s.draining && s.waiters > 0 && !s.terminating {
+		s.terminating = true
+		s.write("terminating")
+	}
+}
+
+func (s *drainState) write(line string) {
+	if s.f == nil {
+		return
+	}
+	if _, err := s.f.WriteString(line + "\n"); err != nil {
+		s.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
 	}
 }
