@@ -431,9 +431,15 @@ func (p *nsPod) waitSignalledSoonAfter(t *testing.T, lastClosed time.Time, limit
 	}
 }
 
+// proxyLogHas waits a little for each line: the proxy copies the stopper's
+// lines from the pipe after the stopper has written them, maybe after it exited.
 func (p *nsPod) proxyLogHas(t *testing.T, wants ...string) {
 	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
 	for _, w := range wants {
+		for !strings.Contains(p.proxyOut.String(), w) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
 		if !strings.Contains(p.proxyOut.String(), w) {
 			t.Errorf("proxy log (kubectl logs) lacks %q:\n%s", w, p.proxyOut)
 		}
