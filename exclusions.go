@@ -132,8 +132,13 @@ func parsePeer(s string) (netip.Prefix, error) {
 	if p.Addr().Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
-	if p.Bits() == 0 {
-		return netip.Prefix{}, errors.New("a /0 network leaves no call to wait for")
+	// A few wide networks can add up to all of IPv4 (0.0.0.0/1 and
+	// 128.0.0.0/1); one IPv6 network can hold every IPv4-mapped remote.
+	if p.Addr().Is4() && p.Bits() < 8 {
+		return netip.Prefix{}, errors.New("an IPv4 network wider than /8 leaves too few calls to wait for")
+	}
+	if p.Addr().Is6() && p.Bits() <= 96 && p.Contains(netip.AddrFrom16([16]byte{10: 0xff, 11: 0xff})) {
+		return netip.Prefix{}, errors.New("holds every IPv4 client (::ffff:0:0/96), which leaves too few calls to wait for")
 	}
 	return p, nil
 }
