@@ -128,7 +128,7 @@ func parsePeer(s string) (netip.Prefix, error) {
 	}
 	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8,
 	// and ::ffff:0:0/96 all of IPv4: read as IPv4, they match IPv4 sockets
-	// as well as IPv4-mapped remotes, and the second is refused as a /0.
+	// as well as IPv4-mapped remotes, and the second is refused below.
 	if p.Addr().Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
