@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # bench/drain.sh: the stopper while a pod drains, in private namespaces.
 #   reaction: last close → app's SIGTERM, p50/p99 over DRAINS drains with
-#             --interval 5s, with 0 and 10 000 other connections on port 9090;
+#             --interval 5s, with 0 and 10 000 other connections on port 9090,
+#             and with connections reset as fast as one process can on 9090;
 #   cost:     the stopper's CPU per second of drain with N connections on the
 #             target port, (a) none closing, (b) 200 closing a second.
 # Network and PID namespaces of its own, as in a pod: the stopper looks for
 # the app among few processes. Prints the figures that BENCHMARKS.md records.
 # Needs root and Go.
-#   ./bench/drain.sh [DRAINS]     default: 100
+#   ./bench/drain.sh [DRAINS [reaction]]    default: 100; "reaction" skips cost
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench: needs root to create namespaces" >&2; exit 1; }
@@ -30,11 +31,17 @@ in_pod() {
 }
 
 echo "machine: $(nproc) cores, kernel $(uname -r), $(go version | cut -d' ' -f3)"
-for other in 0 10000; do
+for other in 0 10000 churn; do
   in_pod "reaction, $DRAINS drains, --interval 5s, $other other connections on port 9090" "$other" "$DRAINS" <<'INNER'
 other=$1 drains=$2
 source bench/hold.sh
-hold 9090 "$other"
+if [ "$other" = churn ]; then
+  WSDRAIN_TEST_ROLE=churn "$T/wsdrain.test" 127.0.0.1:9090 > "$T/churn" &
+  holders=($!)
+  until grep -qs ready "$T/churn"; do sleep 0.2; done
+else
+  hold 9090 "$other"
+fi
 cd "$T"
 WSDRAIN_BENCH_PORT=8080 unshare --mount ./wsdrain.test -test.run '^$' -test.bench Reaction -test.benchtime "${drains}x" | grep -E '^Benchmark'
 [ ${#holders[@]} = 0 ] || kill "${holders[@]}"
@@ -42,6 +49,7 @@ wait
 INNER
 done
 
+[ "${2:-}" = reaction ] && exit 0
 for n in 18000 50000; do
   for rate in 0 200; do
     in_pod "stopper CPU, $n connections on port 8080, $rate closing a second, 10s of drain" "$n" "$rate" <<'INNER'
