@@ -316,12 +316,7 @@ func runBenchChurn(args []string) int {
 	}
 	fmt.Println("ready")
 	for {
-		c, err := net.Dial("tcp", args[0])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		s, err := ln.Accept()
+		c, s, err := dialSelf(ln)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -330,6 +325,15 @@ func runBenchChurn(args []string) int {
 		c.Close()
 		s.Close()
 	}
+}
+
+// dialSelf opens a connection to ln and accepts it.
+func dialSelf(ln net.Listener) (c, s net.Conn, err error) {
+	if c, err = net.Dial("tcp", ln.Addr().String()); err != nil {
+		return nil, nil, err
+	}
+	s, err = ln.Accept()
+	return c, s, err
 }
 
 // runBenchHolder holds connections for bench/run.sh: it listens on addr,
@@ -354,12 +358,7 @@ func runBenchHolder(args []string) int {
 	}
 	conns := make([]net.Conn, 0, 2*n)
 	for range n {
-		c, err := net.Dial("tcp", args[0])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		s, err := ln.Accept()
+		c, s, err := dialSelf(ln)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1

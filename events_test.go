@@ -49,8 +49,8 @@ func listen(t *testing.T) net.Listener {
 
 func port(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port) }
 
-// closeOneCall opens a connection to ln and closes both ends.
-func closeOneCall(t *testing.T, ln net.Listener) {
+// openCall opens a connection to ln, both ends closed when the test ends.
+func openCall(t *testing.T, ln net.Listener) (caller, app net.Conn) {
 	t.Helper()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
@@ -60,6 +60,14 @@ func closeOneCall(t *testing.T, ln net.Listener) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// closeOneCall opens a connection to ln and closes both ends.
+func closeOneCall(t *testing.T, ln net.Listener) {
+	t.Helper()
+	c, s := openCall(t, ln)
 	c.Close()
 	s.Close()
 }
@@ -69,16 +77,8 @@ func closeOneCall(t *testing.T, ln net.Listener) {
 // have been the last call's, so the stopper must count again, and go on.
 func TestDestroyEventsWakeWhenTheKernelDropsSome(t *testing.T) {
 	ln := listen(t)
-	e, err := subscribeDestroyEvents(port(ln))
-	if err != nil {
-		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
-	}
-	defer e.close()
-	shrinkReceiveBuffer(t, e)
-	for range 100 {
-		closeOneCall(t, ln)
-	}
-	time.Sleep(200 * time.Millisecond) // the kernel broadcasts from a work queue
+	e := subscribe(t, port(ln))
+	overflow(t, e, ln)
 	wake := make(chan struct{}, 1)
 	ended := make(chan error, 1)
 	go func() { ended <- e.watch(wake) }()
@@ -101,16 +101,8 @@ func TestDestroyEventsWakeWhenTheKernelDropsSome(t *testing.T) {
 // recount), and an event of the target port must still get through.
 func TestDestroyEventsFromOtherPortsNeverOverflow(t *testing.T) {
 	target, other := listen(t), listen(t)
-	e, err := subscribeDestroyEvents(port(target))
-	if err != nil {
-		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
-	}
-	defer e.close()
-	shrinkReceiveBuffer(t, e)
-	for range 100 {
-		closeOneCall(t, other)
-	}
-	time.Sleep(200 * time.Millisecond) // the kernel broadcasts from a work queue
+	e := subscribe(t, port(target))
+	overflow(t, e, other)
 	wake := make(chan struct{}, 1)
 	go e.watch(wake)
 	select {
@@ -130,17 +122,10 @@ func TestDestroyEventsFromOtherPortsNeverOverflow(t *testing.T) {
 // netlink message to the event socket's port id; only the kernel's count.
 func TestDestroyEventsOnlyFromTheKernel(t *testing.T) {
 	target := listen(t)
-	e, err := subscribeDestroyEvents(port(target))
-	if err != nil {
-		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
-	}
-	defer e.close()
+	e := subscribe(t, port(target))
 	var self syscall.Sockaddr
-	rc, err := e.f.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.Control(func(fd uintptr) { self, err = syscall.Getsockname(int(fd)) })
+	var err error
+	e.rc.Control(func(fd uintptr) { self, err = syscall.Getsockname(int(fd)) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,13 +155,25 @@ func destroyEvent(sport uint16) []byte {
 	return b
 }
 
-// shrinkReceiveBuffer makes the event socket's buffer as small as the
-// kernel allows, so that a few events overflow it.
-func shrinkReceiveBuffer(t *testing.T, e *destroyEvents) {
+// subscribe subscribes to the destroy events of port for the test, or
+// skips it where the kernel or sandbox refuses them.
+func subscribe(t *testing.T, port uint16) *destroyEvents {
 	t.Helper()
-	rc, err := e.f.SyscallConn()
+	e, err := subscribeDestroyEvents(port)
 	if err != nil {
-		t.Fatal(err)
+		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
 	}
-	rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1) })
+	t.Cleanup(e.close)
+	return e
+}
+
+// overflow makes the event socket's buffer as small as the kernel allows
+// and closes calls on ln, enough to fill it if their events get in.
+func overflow(t *testing.T, e *destroyEvents, ln net.Listener) {
+	t.Helper()
+	e.rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1) })
+	for range 100 {
+		closeOneCall(t, ln)
+	}
+	time.Sleep(200 * time.Millisecond) // the kernel broadcasts from a work queue
 }

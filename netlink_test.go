@@ -273,30 +273,17 @@ func TestIdleCountsCallsWithBytesQueued(t *testing.T) {
 	}
 	defer nl.close()
 	ln := listen(t)
-	call := func() (app, caller net.Conn) {
-		t.Helper()
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close(); s.Close() })
-		return s, c
-	}
-	sending, _ := call()
+	_, sending := openCall(t, ln)
 	sending.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
 	if _, err := sending.Write(make([]byte, 64<<20)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("the caller's window never closed: %v", err)
 	}
-	_, caller := call()
+	caller, _ := openCall(t, ln)
 	if _, err := caller.Write(make([]byte, 1000)); err != nil {
 		t.Fatal(err)
 	}
 	// The app's keep-alive probes get ACKs; the call is idle all the same.
-	idle, _ := call()
+	_, idle := openCall(t, ln)
 	idle.(*net.TCPConn).SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: time.Second, Interval: time.Second})
 	time.Sleep(1500 * time.Millisecond)
 	if got, err := nl.established(port(ln), exclusions{idle: time.Second}); err != nil || got != (tally{calls: 2, excludedIdle: 1}) {
