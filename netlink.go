@@ -254,7 +254,7 @@ func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
 
 // idleTime is how long no data has moved either way on the socket of msg,
 // from the tcp_info attribute that follows it; ok is false without one.
-// Bytes queued either way make it 0: to a caller whose window is zero the
+// Bytes queued either way make it 0, ok: to a caller whose window is zero the
 // kernel sends only probes, so no data moves while the app is still
 // sending. Not tcpi_last_ack_recv: keep-alive probes' ACKs renew it.
 func idleTime(msg []byte) (idle time.Duration, ok bool) {
