@@ -300,7 +300,41 @@ func benchFreeAddr(b *testing.B) string {
 	return ln.Addr().String()
 }
 
-func init() { testRoles["holder"] = runBenchHolder }
+func init() {
+	testRoles["holder"] = runBenchHolder
+	testRoles["churn"] = runBenchChurn
+}
+
+// runBenchChurn, for bench/drain.sh, listens on addr and connects to itself,
+// resetting each connection at once, as fast as it can until killed: destroy
+// events on a port that is not the app's.
+func runBenchChurn(args []string) int {
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println("ready")
+	for {
+		c, s, err := dialSelf(ln)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		c.(*net.TCPConn).SetLinger(0) // a reset: no TIME_WAIT, no port runs short
+		c.Close()
+		s.Close()
+	}
+}
+
+// dialSelf opens a connection to ln and accepts it.
+func dialSelf(ln net.Listener) (c, s net.Conn, err error) {
+	if c, err = net.Dial("tcp", ln.Addr().String()); err != nil {
+		return nil, nil, err
+	}
+	s, err = ln.Accept()
+	return c, s, err
+}
 
 // runBenchHolder holds connections for bench/run.sh: it listens on addr,
 // opens n connections to itself, says "ready" and keeps them until SIGTERM.
@@ -324,12 +358,7 @@ func runBenchHolder(args []string) int {
 	}
 	conns := make([]net.Conn, 0, 2*n)
 	for range n {
-		c, err := net.Dial("tcp", args[0])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		s, err := ln.Accept()
+		c, s, err := dialSelf(ln)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1

@@ -10,10 +10,9 @@
 package main
 
 import (
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -28,21 +27,42 @@ const inetDiagSportOff = 4
 // non-blocking and read through Go's poller, so close ends a pending read.
 type destroyEvents struct {
 	f   *os.File
+	rc  syscall.RawConn
 	buf []byte
 }
 
-// subscribeDestroyEvents joins both destroy groups. It needs no privilege
-// in the caller's own network namespace.
-func subscribeDestroyEvents() (*destroyEvents, error) {
+// subscribeDestroyEvents joins both destroy groups through a socket filter
+// that keeps only the events of sockets whose local port is port, so that
+// churn on the pod's other ports never fills the socket's buffer. It needs
+// no privilege in the caller's own network namespace.
+func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, netlinkSockDiag)
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag events socket: %w", err)
+	}
+	// The kernel sends each event in a packet of its own: nlmsghdr, then
+	// inet_diag_msg. Classic BPF loads idiag_sport in network byte order.
+	filter := []syscall.SockFilter{
+		{Code: syscall.BPF_LD | syscall.BPF_H | syscall.BPF_ABS, K: nlmsgHdrLen + inetDiagSportOff},
+		{Code: syscall.BPF_JMP | syscall.BPF_JEQ | syscall.BPF_K, Jf: 1, K: uint32(port)},
+		{Code: syscall.BPF_RET | syscall.BPF_K, K: 0xffffffff}, // keep the packet
+		{Code: syscall.BPF_RET | syscall.BPF_K, K: 0},          // drop it
+	}
+	if err := syscall.AttachLsf(fd, filter); err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("sock_diag events: filtering port %d: %w", port, err)
 	}
 	if err := syscall.Bind(fd, &syscall.SockaddrNetlink{Family: syscall.AF_NETLINK, Groups: tcpDestroyGroups}); err != nil {
 		syscall.Close(fd)
 		return nil, fmt.Errorf("sock_diag events: joining the destroy groups: %w", err)
 	}
-	return &destroyEvents{f: os.NewFile(uintptr(fd), "sock_diag destroy events"), buf: make([]byte, 64<<10)}, nil
+	f := os.NewFile(uintptr(fd), "sock_diag destroy events")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sock_diag events: %w", err)
+	}
+	return &destroyEvents{f: f, rc: rc, buf: make([]byte, 64<<10)}, nil
 }
 
 func (e *destroyEvents) close() { e.f.Close() }
@@ -51,36 +71,42 @@ func (e *destroyEvents) close() { e.f.Close() }
 // when a socket on port was destroyed, stop ends the subscription, and
 // failed is told if it ends for another reason (the stopper then polls).
 func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop func(), err error) {
-	e, err := subscribeDestroyEvents()
+	e, err := subscribeDestroyEvents(port)
 	if err != nil {
 		return nil, nil, err
 	}
 	ch := make(chan struct{}, 1)
+	var stopped atomic.Bool
 	go func() {
-		if err := e.watch(port, ch); !errors.Is(err, os.ErrClosed) {
+		if err := e.watch(ch); !stopped.Load() {
 			failed(err)
 		}
 	}()
-	return ch, e.close, nil
+	return ch, func() { stopped.Store(true); e.close() }, nil
 }
 
-// watch sends on wake, without blocking, for each destroy event whose local
-// port is port, and when the kernel dropped events for want of buffer space
-// (ENOBUFS: one of them may have been ours). wake should have room for one:
-// events that come while one is pending are the same news. watch returns
-// when the subscription is closed or fails.
-func (e *destroyEvents) watch(port uint16, wake chan<- struct{}) error {
+// watch sends on wake, without blocking, for each destroy event, and when
+// the kernel dropped events for want of buffer space (ENOBUFS: one of them
+// may have been ours). Messages not from the kernel (nl_pid 0) are ignored:
+// any process in the pod may send to this socket. wake should have room for
+// one: events that come while one is pending are the same news. watch
+// returns when the subscription is closed or fails.
+func (e *destroyEvents) watch(wake chan<- struct{}) error {
 	for {
-		n, err := e.f.Read(e.buf)
+		var from syscall.Sockaddr
+		var rerr error
+		err := e.rc.Read(func(fd uintptr) bool {
+			_, from, rerr = syscall.Recvfrom(int(fd), e.buf, 0)
+			return rerr != syscall.EAGAIN
+		})
+		sender, _ := from.(*syscall.SockaddrNetlink)
 		switch {
-		case errors.Is(err, syscall.ENOBUFS):
-			notify(wake)
-			continue
 		case err != nil:
 			return err
-		}
-		if destroyedOnPort(e.buf[:n], port) {
+		case rerr == syscall.ENOBUFS, rerr == nil && sender != nil && sender.Pid == 0:
 			notify(wake)
+		case rerr != nil:
+			return fmt.Errorf("sock_diag events: %w", rerr)
 		}
 	}
 }
@@ -90,29 +116,4 @@ func notify(wake chan<- struct{}) {
 	case wake <- struct{}{}:
 	default:
 	}
-}
-
-// destroyedOnPort reports whether a datagram of destroy events holds one
-// for a socket whose local port is port. Anything malformed counts as ours:
-// a needless recount costs little, a missed one a whole interval.
-func destroyedOnPort(b []byte, port uint16) bool {
-	le := binary.NativeEndian
-	for len(b) > 0 {
-		if len(b) < nlmsgHdrLen {
-			return true
-		}
-		size, typ := le.Uint32(b[0:]), le.Uint16(b[4:])
-		if size < nlmsgHdrLen || uint64(size) > uint64(len(b)) {
-			return true
-		}
-		body := b[nlmsgHdrLen:size]
-		b = b[min(len(b), int(size+3)&^3):]
-		if typ != sockDiagByFamily {
-			continue
-		}
-		if len(body) < inetDiagMsgLen || binary.BigEndian.Uint16(body[inetDiagSportOff:]) == port {
-			return true
-		}
-	}
-	return false
 }

@@ -142,12 +142,17 @@ func parsePeer(s string) (netip.Prefix, error) {
 	}
 	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8,
 	// and ::ffff:0:0/96 all of IPv4: read as IPv4, they match IPv4 sockets
-	// as well as IPv4-mapped remotes, and the second is refused as a /0.
+	// as well as IPv4-mapped remotes, and the second is refused below.
 	if p.Addr().Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
-	if p.Bits() == 0 {
-		return netip.Prefix{}, errors.New("a /0 network leaves no call to wait for")
+	// A few wide networks can add up to all of IPv4 (0.0.0.0/1 and
+	// 128.0.0.0/1); one IPv6 network can hold every IPv4-mapped remote.
+	if p.Addr().Is4() && p.Bits() < 8 {
+		return netip.Prefix{}, errors.New("an IPv4 network wider than /8 leaves too few calls to wait for")
+	}
+	if p.Addr().Is6() && p.Bits() <= 96 && p.Contains(netip.AddrFrom16([16]byte{10: 0xff, 11: 0xff})) {
+		return netip.Prefix{}, errors.New("holds every IPv4 client (::ffff:0:0/96), which leaves too few calls to wait for")
 	}
 	return p, nil
 }

@@ -17,10 +17,17 @@ func TestParsePeer(t *testing.T) {
 		{in: "2001:db8::7", want: "2001:db8::7/128"},
 		{in: "::ffff:10.0.0.0/104", want: "10.0.0.0/8"}, // the IPv4 network, written as IPv6
 		{in: "10.1.2.3/8", err: "did you mean 10.0.0.0/8?"},
-		{in: "0.0.0.0/0", err: "leaves no call"},
-		{in: "::/0", err: "leaves no call"},
-		{in: "::ffff:0:0/96", err: "leaves no call"}, // every IPv4 client of a dual-stack app
-		{in: "::ffff:128.0.0.0/97", want: "128.0.0.0/1"},
+		{in: "fd00:10:244::/56", want: "fd00:10:244::/56"}, // a cluster's pod range
+		{in: "0.0.0.0/0", err: "wider than /8"},
+		{in: "0.0.0.0/1", err: "wider than /8"}, // with 128.0.0.0/1, all of IPv4
+		{in: "128.0.0.0/1", err: "wider than /8"},
+		{in: "10.0.0.0/7", err: "wider than /8"},
+		{in: "::ffff:128.0.0.0/97", err: "wider than /8"},
+		{in: "::/0", err: "holds every IPv4 client"},
+		{in: "::ffff:0:0/96", err: "wider than /8"}, // every IPv4 client of a dual-stack app
+		{in: "::/80", err: "holds every IPv4 client"},
+		{in: "::fffe:0:0/95", err: "holds every IPv4 client"},
+		{in: "::/96", want: "::/96"}, // IPv4-compatible, not mapped
 		{in: "10.0.0.0/33", err: "want a network"},
 		{in: "fe80::1%eth0", err: "want a network"},
 		{in: "example.com", err: "want a network"},
@@ -71,7 +78,9 @@ func TestExclusionFlagsUsage(t *testing.T) {
 	}{
 		{"not a network", []string{"--ignore-peer", "scraper"}, `invalid value "scraper" for flag --ignore-peer`},
 		{"host bits set", []string{"--ignore-peer", "10.1.2.3/8"}, "did you mean 10.0.0.0/8?"},
-		{"everything", []string{"--ignore-peer", "0.0.0.0/0"}, "leaves no call"},
+		{"everything", []string{"--ignore-peer", "0.0.0.0/0"}, "wider than /8"},
+		{"half of IPv4", []string{"--ignore-peer", "0.0.0.0/1", "--ignore-peer", "128.0.0.0/1"}, "wider than /8"},
+		{"every IPv4-mapped client", []string{"--ignore-peer", "::/80"}, "holds every IPv4 client"},
 		{"idle below a second", []string{"--ignore-idle", "500ms"}, "want at least 1s"},
 		{"idle from /proc", []string{"--ignore-idle", "30s", "--source", "proc"}, "--ignore-idle needs --source netlink or auto"},
 		{"negative idle", []string{"--ignore-idle", "-1s"}, "must not be negative"},

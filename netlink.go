@@ -32,12 +32,13 @@ const (
 	tcpEstablished      = 1
 	tcpListen           = 10
 
-	nlmsgHdrLen      = 16
-	inetDiagReqV2Len = 56
-	inetDiagMsgLen   = 72
-	inetDiagInodeOff = 68 // idiag_inode in struct inet_diag_msg
-	portTestLen      = 16 // the two port tests that open every filter
-	hostcondLen      = 8  // struct inet_diag_hostcond before its address
+	nlmsgHdrLen       = 16
+	inetDiagReqV2Len  = 56
+	inetDiagMsgLen    = 72
+	inetDiagRqueueOff = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
+	inetDiagInodeOff  = 68 // idiag_inode
+	portTestLen       = 16 // the two port tests that open every filter
+	hostcondLen       = 8  // struct inet_diag_hostcond before its address
 
 	// In struct tcp_info: milliseconds since data was last sent, received.
 	tcpiLastDataSentOff = 44
@@ -253,8 +254,14 @@ func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
 
 // idleTime is how long no data has moved either way on the socket of msg,
 // from the tcp_info attribute that follows it; ok is false without one.
+// Bytes queued either way make it 0, ok: to a caller whose window is zero the
+// kernel sends only probes, so no data moves while the app is still
+// sending. Not tcpi_last_ack_recv: keep-alive probes' ACKs renew it.
 func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	ne := binary.NativeEndian
+	if ne.Uint32(msg[inetDiagRqueueOff:]) > 0 || ne.Uint32(msg[inetDiagRqueueOff+4:]) > 0 {
+		return 0, true
+	}
 	attrs := msg[inetDiagMsgLen:]
 	for len(attrs) >= 4 {
 		size, typ := int(ne.Uint16(attrs)), ne.Uint16(attrs[2:])

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"syscall"
@@ -258,5 +259,34 @@ func TestIdleTime(t *testing.T) {
 				t.Fatalf("idleTime = %v, %v; want %v, %v", got, ok, tt.want, tt.wantOK)
 			}
 		})
+	}
+}
+
+// TestIdleCountsCallsWithBytesQueued: a call whose app is still sending to a
+// caller that stopped reading (its window is zero, so the kernel sends only
+// probes and no data moves) is a call, and so is one whose app has not read
+// what the caller sent; a connection with nothing queued is idle.
+func TestIdleCountsCallsWithBytesQueued(t *testing.T) {
+	nl, err := newNetlinkSource()
+	if err != nil {
+		t.Fatalf("netlink sock_diag refused in this namespace: %v", err)
+	}
+	defer nl.close()
+	ln := listen(t)
+	_, sending := openCall(t, ln)
+	sending.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := sending.Write(make([]byte, 64<<20)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the caller's window never closed: %v", err)
+	}
+	caller, _ := openCall(t, ln)
+	if _, err := caller.Write(make([]byte, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	// The app's keep-alive probes get ACKs; the call is idle all the same.
+	_, idle := openCall(t, ln)
+	idle.(*net.TCPConn).SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: time.Second, Interval: time.Second})
+	time.Sleep(1500 * time.Millisecond)
+	if got, err := nl.established(port(ln), exclusions{idle: time.Second}); err != nil || got != (tally{calls: 2, excludedIdle: 1}) {
+		t.Errorf("idle for 1s: %+v, %v; want 2 calls (bytes queued to send, to read), 1 idle", got, err)
 	}
 }
