@@ -1,12 +1,10 @@
 //go:build linux
 
-// netlink.go counts sockets through the kernel's sock_diag netlink interface
-// (NETLINK_SOCK_DIAG, the one ss uses). The kernel tests the state and the
-// local port itself, so only matching sockets cross into user space: at tens
-// of thousands of connections this is several times cheaper than formatting
-// and parsing /proc/net/tcp. Like /proc, a dump that spans several replies is
-// no snapshot (the stopper reads a zero twice). It needs no privilege in the
-// caller's own network namespace.
+// netlink.go counts sockets through the kernel's sock_diag interface (the one
+// ss uses), which filters by state, port and peer in the kernel, and listens
+// for its TCP destroy events, which wake the stopper when a call ends. Like
+// /proc, a dump is no snapshot. Neither needs privilege in the pod's own
+// network namespace.
 
 package main
 
@@ -15,6 +13,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -40,14 +40,19 @@ const (
 	portTestLen       = 16 // the two port tests that open every filter
 	hostcondLen       = 8  // struct inet_diag_hostcond before its address
 
+	inetDiagSportOff  = 4  // idiag_sport, in network byte order
+
 	// In struct tcp_info: milliseconds since data was last sent, received.
 	tcpiLastDataSentOff = 44
 	tcpiLastDataRecvOff = 52
+
+	// sockaddr_nl.nl_groups bits (1<<(N-1) joins group N) for
+	// SKNLGRP_INET_TCP_DESTROY (1) and SKNLGRP_INET6_TCP_DESTROY (3).
+	tcpDestroyGroups = 1<<0 | 1<<2
 )
 
 var errNetlinkMalformed = errors.New("netlink: malformed sock_diag reply")
 
-// netlinkSource keeps one socket and one buffer for all its dumps.
 type netlinkSource struct {
 	fd  int
 	seq uint32
@@ -69,10 +74,8 @@ func newNetlinkSource() (*netlinkSource, error) {
 		syscall.Close(fd)
 		return nil, fmt.Errorf("netlink sock_diag socket: %w", err)
 	}
-	// The kernel sends dumps in parts of at most 32 KiB.
-	n := &netlinkSource{fd: fd, buf: make([]byte, 64<<10)}
-	// LISTEN only: the kernel then skips the established table, so the
-	// probe costs nothing however many connections there are.
+	n := &netlinkSource{fd: fd, buf: make([]byte, 64<<10)} // a dump comes in parts of 32 KiB at most
+	// LISTEN only: the probe skips the established table, whatever its size.
 	n.bc = appendBytecode(n.bc[:0], 1, nil, false)
 	if err := n.dump(syscall.AF_INET, 1<<tcpListen, 0, func([]byte) {}); err != nil {
 		n.close()
@@ -85,10 +88,9 @@ func (n *netlinkSource) name() string { return "netlink" }
 
 func (n *netlinkSource) close() { syscall.Close(n.fd) }
 
-// established counts ESTABLISHED TCP sockets, IPv4 and IPv6, whose local
-// port is port. The kernel leaves out the excluded peers; a second dump, in
-// which only they cross into user space, counts them for the log. For
-// --ignore-idle the kernel adds each socket's tcp_info.
+// established counts ESTABLISHED sockets on port, IPv4 and IPv6. The kernel
+// leaves out the excluded peers; a second dump of only them counts them for
+// the log. For --ignore-idle the kernel adds each socket's tcp_info.
 func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
 	var t tally
 	var ext uint8
@@ -134,9 +136,8 @@ func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	return inodes, nil
 }
 
-// dump asks for the TCP sockets of one family in the given states that pass
-// the filter program in n.bc, with the extensions in ext, and calls fn with
-// each inet_diag_msg and its attributes.
+// dump calls fn with each inet_diag_msg (and its attributes) of the family's
+// TCP sockets in states that pass the filter program n.bc.
 func (n *netlinkSource) dump(family uint8, states uint32, ext uint8, fn func(msg []byte)) error {
 	n.seq++
 	n.buildRequest(family, states, ext)
@@ -144,31 +145,19 @@ func (n *netlinkSource) dump(family uint8, states uint32, ext uint8, fn func(msg
 		return fmt.Errorf("netlink sock_diag request: %w", err)
 	}
 	for {
-		size, err := n.receive()
-		if err != nil {
-			return err
-		}
-		done, err := parseDiagReply(n.buf[:size], n.seq, fn)
-		if done || err != nil {
-			return err
-		}
-	}
-}
-
-// receive reads one datagram. MSG_TRUNC makes the kernel report a reply
-// larger than the buffer instead of cutting it silently.
-func (n *netlinkSource) receive() (int, error) {
-	for {
+		// MSG_TRUNC: a reply larger than the buffer is reported, not cut.
 		size, _, err := syscall.Recvfrom(n.fd, n.buf, syscall.MSG_TRUNC)
 		switch {
 		case err == syscall.EINTR: // SO_RCVTIMEO stops the kernel restarting it
 			continue
 		case err != nil:
-			return 0, fmt.Errorf("netlink sock_diag reply: %w", err)
+			return fmt.Errorf("netlink sock_diag reply: %w", err)
 		case size > len(n.buf):
-			return 0, fmt.Errorf("%w: a %d-byte reply", errNetlinkMalformed, size)
+			return fmt.Errorf("%w: a %d-byte reply", errNetlinkMalformed, size)
 		}
-		return size, nil
+		if done, err := parseDiagReply(n.buf[:size], n.seq, fn); done || err != nil {
+			return err
+		}
 	}
 }
 
@@ -240,8 +229,7 @@ func appendOp(b []byte, code, yes uint8, no uint16) []byte {
 // hostcondOpLen is a D_COND op: the op, struct inet_diag_hostcond, the address.
 func hostcondOpLen(p netip.Prefix) int { return 4 + hostcondLen + p.Addr().BitLen()/8 }
 
-// appendHostcond appends a D_COND op testing the remote address against p,
-// any remote port.
+// appendHostcond appends a D_COND op: the remote address in p, any port.
 func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
 	family := uint8(syscall.AF_INET6)
 	if p.Addr().Is4() {
@@ -253,10 +241,10 @@ func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
 }
 
 // idleTime is how long no data has moved either way on the socket of msg,
-// from the tcp_info attribute that follows it; ok is false without one.
-// Bytes queued either way make it 0, ok: to a caller whose window is zero the
-// kernel sends only probes, so no data moves while the app is still
-// sending. Not tcpi_last_ack_recv: keep-alive probes' ACKs renew it.
+// from its tcp_info; ok is false without one. Bytes queued either way make it
+// 0: to a caller whose window is zero the kernel sends only probes, and no
+// data moves while the app still sends. Not tcpi_last_ack_recv: the ACKs of
+// keep-alive probes renew it.
 func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	ne := binary.NativeEndian
 	if ne.Uint32(msg[inetDiagRqueueOff:]) > 0 || ne.Uint32(msg[inetDiagRqueueOff+4:]) > 0 {
@@ -281,9 +269,8 @@ func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	return 0, false
 }
 
-// parseDiagReply walks one datagram of netlink messages. It reports done at
-// NLMSG_DONE, and turns NLMSG_ERROR into an error. Messages of an older
-// sequence number (from a dump cut short) are skipped.
+// parseDiagReply walks one datagram, done at NLMSG_DONE or NLMSG_ERROR.
+// Messages of an older sequence number (a dump cut short) are skipped.
 func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err error) {
 	le := binary.NativeEndian
 	for len(b) > 0 {
@@ -318,4 +305,91 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 		}
 	}
 	return false, nil
+}
+
+// destroyEvents is a subscription to the destroy groups, read through Go's
+// poller so that close ends a pending read.
+type destroyEvents struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+// subscribeDestroyEvents joins both destroy groups through a socket filter
+// that keeps only the events of port, so that churn on the pod's other ports
+// never fills the socket's buffer.
+func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
+	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, netlinkSockDiag)
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag events socket: %w", err)
+	}
+	// The kernel sends each event in a packet of its own, nlmsghdr then
+	// inet_diag_msg: the filter loads idiag_sport from a fixed offset.
+	filter := []syscall.SockFilter{
+		{Code: syscall.BPF_LD | syscall.BPF_H | syscall.BPF_ABS, K: nlmsgHdrLen + inetDiagSportOff},
+		{Code: syscall.BPF_JMP | syscall.BPF_JEQ | syscall.BPF_K, Jf: 1, K: uint32(port)},
+		{Code: syscall.BPF_RET | syscall.BPF_K, K: 0xffffffff}, // keep
+		{Code: syscall.BPF_RET | syscall.BPF_K, K: 0},          // drop
+	}
+	if err := syscall.AttachLsf(fd, filter); err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("sock_diag events: filtering port %d: %w", port, err)
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrNetlink{Family: syscall.AF_NETLINK, Groups: tcpDestroyGroups}); err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("sock_diag events: joining the destroy groups: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "sock_diag destroy events")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sock_diag events: %w", err)
+	}
+	return &destroyEvents{f: f, rc: rc}, nil
+}
+
+func (e *destroyEvents) close() { e.f.Close() }
+
+// watchDestroys watches in the background: wake gets a value when a socket
+// on port was destroyed, stop ends the watch, and failed is told if it ends
+// for another reason (the stopper then polls only).
+func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop func(), err error) {
+	e, err := subscribeDestroyEvents(port)
+	if err != nil {
+		return nil, nil, err
+	}
+	ch := make(chan struct{}, 1)
+	var stopped atomic.Bool
+	go func() {
+		if err := e.watch(ch); !stopped.Load() {
+			failed(err)
+		}
+	}()
+	return ch, func() { stopped.Store(true); e.close() }, nil
+}
+
+// watch sends on wake, without blocking, for each event from the kernel
+// (nl_pid 0: any process in the pod may send to this socket), and when the
+// kernel dropped events for want of room (ENOBUFS: one may have been ours).
+func (e *destroyEvents) watch(wake chan<- struct{}) error {
+	buf := make([]byte, 64<<10)
+	for {
+		var from syscall.Sockaddr
+		var rerr error
+		err := e.rc.Read(func(fd uintptr) bool {
+			_, from, rerr = syscall.Recvfrom(int(fd), buf, 0)
+			return rerr != syscall.EAGAIN
+		})
+		sender, _ := from.(*syscall.SockaddrNetlink)
+		switch {
+		case err != nil:
+			return err
+		case rerr == syscall.ENOBUFS, rerr == nil && sender != nil && sender.Pid == 0:
+			select {
+			case wake <- struct{}{}:
+			default: // one pending wake is the same news
+			}
+		case rerr != nil:
+			return fmt.Errorf("sock_diag events: %w", rerr)
+		}
+	}
 }
