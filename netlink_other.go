@@ -1,8 +1,7 @@
 //go:build !linux
 
-// netlink_other.go is what netlink.go's and events.go's callers get on
-// systems other than Linux, which have no sock_diag; openSource refuses
-// first, so the stopper never counts there.
+// netlink_other.go stands in for netlink.go where there is no sock_diag:
+// openSource refuses first, so nothing counts there.
 
 package main
 
