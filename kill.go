@@ -133,25 +133,6 @@ func (fs procFS) holdsSocket(pid int, inodes []uint64) (bool, error) {
 	return false, nil
 }
 
-// byComm returns the processes whose /proc/PID/comm is name. The kernel
-// keeps only the first 15 bytes of a name, so name is cut the same way.
-func (fs procFS) byComm(name string) ([]process, error) {
-	if len(name) > 15 {
-		name = name[:15]
-	}
-	pids, err := fs.pids()
-	if err != nil {
-		return nil, err
-	}
-	var found []process
-	for _, pid := range pids {
-		if p, err := fs.stat(pid); err == nil && p.comm == name {
-			found = append(found, p)
-		}
-	}
-	return found, nil
-}
-
 // ancestors returns pid and every process above it.
 func (fs procFS) ancestors(pid int) map[int]bool {
 	seen := map[int]bool{}
@@ -192,38 +173,18 @@ func withoutUnsafe(ps []process, protected map[int]bool) []process {
 	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
 }
 
-// targetFinder picks the processes to signal.
+// targetFinder finds the app's server processes.
 type targetFinder struct {
 	fs      procFS
 	source  socketSource
 	port    uint16
-	comm    string // --target-process; empty selects by listening socket
-	protect map[int]bool
+	protect map[int]bool // the stopper and its ancestors
 }
 
-// name says what the finder looks for, the way the record keeps it.
-func (t targetFinder) name() string {
-	if t.comm != "" {
-		return "process " + strconv.Quote(t.comm)
-	}
-	return "port " + strconv.Itoa(int(t.port))
-}
-
-// find returns the app's server processes. By default these own the LISTEN
-// socket on the port, which also gets past npm, yarn or "sh -c" wrappers
-// that would not pass a signal on.
+// find returns the roots of the processes that hold the LISTEN socket on the
+// port: the server itself, past npm, yarn or "sh -c" wrappers that would not
+// pass a signal on.
 func (t targetFinder) find() ([]process, error) {
-	if t.comm != "" {
-		ps, err := t.fs.byComm(t.comm)
-		if err != nil {
-			return nil, err
-		}
-		ps = rootsOf(withoutUnsafe(ps, t.protect))
-		if len(ps) == 0 {
-			return nil, fmt.Errorf("no process named %q", t.comm)
-		}
-		return ps, nil
-	}
 	inodes, err := t.source.listeners(t.port)
 	if err != nil {
 		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
@@ -307,7 +268,7 @@ type appSignaller struct {
 func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
-	target := a.finder.name()
+	target := "port " + strconv.Itoa(int(a.finder.port))
 	targets, err := a.finder.find()
 	if err != nil {
 		return rec.doneEarlier(target, a.fs.alive, err, a.log)

@@ -124,25 +124,6 @@ func TestOverlappingHooksSignalOnce(t *testing.T) {
 	}
 }
 
-func TestByCommSelectsTheParentOfSameNamedProcesses(t *testing.T) {
-	app, _ := startTestApp(t)
-	comm, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(app.Process.Pid), "comm"))
-	fs := procFS{"/proc"}
-	// The test binary itself has the same name: protect it and its ancestors.
-	got, err := fs.byComm(strings.TrimSpace(string(comm)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	protect := fs.ancestors(os.Getpid())
-	got = rootsOf(withoutUnsafe(got, protect))
-	// Other test binaries of the same name may run on this machine: ask only
-	// that the app is chosen and that this test and its parents are not.
-	if !slices.ContainsFunc(got, func(p process) bool { return p.pid == app.Process.Pid }) ||
-		slices.ContainsFunc(got, func(p process) bool { return protect[p.pid] }) {
-		t.Fatalf("by comm %q: %+v; want the app, pid %d, and none of %v", comm, got, app.Process.Pid, protect)
-	}
-}
-
 // startTestApp runs the demo app on a free port and waits until it listens.
 func startTestApp(t *testing.T, extra ...string) (*exec.Cmd, uint16) {
 	t.Helper()

@@ -177,51 +177,6 @@ func TestStopperTrustsOnlyItsOwnRecord(t *testing.T) {
 // TestTargetProcessRecordsWhatWasSignalledBeforeAFailure: with two targets,
 // the first signalled and the second refused, a repeated hook must know the
 // first was signalled. The stopper runs as nobody, so a root process refuses.
-func TestTargetProcessRecordsWhatWasSignalledBeforeAFailure(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("skipped: a process the stopper may not signal needs root (run as root, as CI does)")
-	}
-	name := fmt.Sprintf("app%d", os.Getpid()) // unique among the host's processes
-	bin := filepath.Join(filepath.Dir(copyForAnyUser(t, os.Args[0])), name)
-	if err := os.Rename(filepath.Join(filepath.Dir(bin), "wsdrain"), bin); err != nil {
-		t.Fatal(err)
-	}
-	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
-	mine, theirs := startNamedApp(t, bin, nobody), startNamedApp(t, bin, nil)
-	if mine > theirs {
-		t.Skip("skipped: PIDs wrapped between the two apps, so the stopper would meet the root one first")
-	}
-	dir := t.TempDir()
-	if err := os.Chown(dir, 65534, 65534); err != nil {
-		t.Fatal(err)
-	}
-	stopper := exec.Command(bin, "stopper",
-		"--target-process", name, "--fifo", filepath.Join(dir, "drain.fifo"), "--min-drain", "0s", "--exit-wait", "0s")
-	stopper.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=wsdrain")
-	stopper.SysProcAttr = &syscall.SysProcAttr{Credential: nobody}
-	out, err := stopper.CombinedOutput()
-	if exitCodeOf(err) != 1 || !strings.Contains(string(out), "operation not permitted") {
-		t.Fatalf("stopper: %v, want exit 1 refused by the root app:\n%s", err, out)
-	}
-	b, _ := os.ReadFile(filepath.Join(dir, "wsdrain.signalled"))
-	if !strings.HasPrefix(string(b), strconv.Itoa(mine)+" ") {
-		t.Errorf("record %q lacks the app signalled before the failure, pid %d:\n%s", b, mine, out)
-	}
-}
-
-// startNamedApp runs the demo app from bin, as cred if not nil.
-func startNamedApp(t *testing.T, bin string, cred *syscall.Credential) int {
-	t.Helper()
-	cmd := exec.Command(bin, "--port", "0")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	lines := runTestAppCmd(t, cmd)
-	go func() {
-		for lines.Scan() {
-		}
-	}()
-	return cmd.Process.Pid
-}
-
 func writeFile(t *testing.T, path, content string, mode os.FileMode) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), mode); err != nil {

@@ -44,7 +44,6 @@ type stopperConfig struct {
 	minDrain      time.Duration
 	timeout       time.Duration
 	exitWait      time.Duration
-	targetProcess string
 	signal        syscall.Signal
 }
 
@@ -59,7 +58,6 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	fs.Var(&minDrain, "min-drain", "never stop the app sooner than this `duration` after the drain began: Services and load balancers may still send new calls meanwhile")
 	fs.Var(&timeout, "timeout", "stop the app anyway after this `duration`, so it gets SIGTERM and not the kubelet's SIGKILL; keep it 30s below terminationGracePeriodSeconds; 0 waits for ever")
 	fs.Var(&exitWait, "exit-wait", "after the signal or release, wait up to this `duration` for the app to exit")
-	target := fs.String("target-process", "", "signal the processes with this /proc/PID/comm `name`, not the owner of the socket listening on --target-port")
 	sigName := fs.String("signal", "TERM", "the `signal`: TERM, INT, QUIT, HUP, USR1 or USR2")
 	flags := addCallFlags(fs)
 	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
@@ -74,7 +72,7 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 		return stopperConfig{}, err
 	}
 	return stopperConfig{calls: c, fifo: *fifo, interval: interval.d, minDrain: minDrain.d, timeout: timeout.d,
-		exitWait: exitWait.d, targetProcess: *target, signal: sig}, nil
+		exitWait: exitWait.d, signal: sig}, nil
 }
 
 // runStopper wires the stopper to the real kernel tables, /proc and pipe.
@@ -110,7 +108,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		sleep:  sleepCtx,
 		signal: (&appSignaller{
 			fs:       fs,
-			finder:   targetFinder{fs: fs, source: source, port: cfg.port, comm: cfg.targetProcess, protect: fs.ancestors(os.Getpid())},
+			finder:   targetFinder{fs: fs, source: source, port: cfg.port, protect: fs.ancestors(os.Getpid())},
 			record:   record,
 			lockWait: recordLockWait,
 			sig:      cfg.signal,

@@ -89,7 +89,7 @@ app=$!
 kill -USR1 "${holders[@]}"
 /usr/bin/time -f "stopper: user %U s, system %S s, wall %e s" unshare --mount "$T/wsdrain" stopper --target-port 8080 \
   --fifo "$T/ns.$n.$rate/drain.fifo" --interval 1s --min-drain 0s --timeout 10s \
-  --target-process wsbenchapp 2> "$T/stopper.log" || true
+  2> "$T/stopper.log" || true
 grep -E '^stopper:|events=|counts_from' "$T/stopper.log" | sed 's/^time=[^ ]* //' | cut -c1-160
 awk '/^stopper:/ { printf "stopper CPU per second of drain: %.1f%% of one core\n", ($3 + $6) * 100 / $9 }' "$T/stopper.log"
 echo "connections left: $(grep -o 'connections=[0-9]*' "$T/stopper.log" | tail -1)"
