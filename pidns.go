@@ -46,8 +46,8 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 	// with nothing listening, the counts were of a port the app does not
 	// serve (a wrong --target-port, say), and a zero of them proves nothing.
 	listening, lerr := s.listening()
-	if err := s.notify("done"); err != nil {
-		s.log.Warn("could not release the app's preStop", "err", err)
+	if err := s.release(ctx); err != nil {
+		return err
 	}
 	if lerr == nil && !listening {
 		// A repeated hook (the kubelet restarted mid-termination, say) finds

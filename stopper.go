@@ -51,7 +51,8 @@ flags:
                           the owner of the socket listening on -target-port
   -signal SIG             TERM, INT, QUIT, HUP, USR1 or USR2 (default TERM)
   -exit-wait D            after signalling (or releasing the app's preStop), how
-                          long to wait for the app to exit (default 10s)
+                          long to wait for the app to exit, and before that how
+                          long to retry the release through the pipe (default 10s)
   -source S               where counts come from: netlink (sock_diag, the kernel
                           filters), proc (/proc/net/tcp and tcp6), or auto:
                           netlink unless refused, then proc (default auto)
@@ -64,8 +65,8 @@ flags:
 
 exit status: 0 when the app was signalled (or a previous run already did),
 or, in a PID namespace of the sidecar's own, once the app's preStop is
-released; 1 when no target was found or it could not be signalled; 2 for bad
-usage.
+released; 1 when no target was found or it could not be signalled, or the
+app's preStop could not be released through the pipe; 2 for bad usage.
 `
 
 type stopperConfig struct {
@@ -227,6 +228,8 @@ type stopper struct {
 	// The rate limit of counts that answer events (owed).
 	debt   time.Duration
 	debtAt time.Time
+
+	drained bool // the proxy has taken "drain"
 }
 
 func (s *stopper) run(ctx context.Context) error {
@@ -234,8 +237,8 @@ func (s *stopper) run(ctx context.Context) error {
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
 		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
 		"not_calls", s.cfg.exclude.String(), "pid_namespace", pidNamespaceName(s.ownPIDNamespace))
-	if err := s.notify("drain"); err != nil {
-		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
+	if err := s.tellDrain(); err != nil {
+		s.log.Warn("could not tell the proxy to drain; retrying at each count", "err", err)
 	}
 	if !s.ownPIDNamespace {
 		s.app.prepare() // the fds of every process are read now, not at the zero
@@ -249,9 +252,7 @@ func (s *stopper) run(ctx context.Context) error {
 	signalled, err := s.app.signal(ctx)
 	// Release the app's preStop even when signalling failed: the kubelet's
 	// own SIGTERM then reaches the app, and the calls are over either way.
-	if nerr := s.notify("done"); nerr != nil {
-		s.log.Warn("could not release the app's preStop", "err", nerr)
-	}
+	rerr := s.release(ctx)
 	if err != nil {
 		s.log.Error("could not signal the app", "err", err)
 		return err
@@ -259,7 +260,42 @@ func (s *stopper) run(ctx context.Context) error {
 	if len(signalled) > 0 && !s.app.waitExit(ctx, signalled, s.cfg.exitWait, s.sleep) {
 		s.log.Warn("app still running after the signal; the kubelet takes over", "waited", s.cfg.exitWait)
 	}
-	return nil
+	return rerr
+}
+
+// tellDrain sends "drain" unless the proxy has taken it. A full pipe or a
+// proxy not reading yet is retried at each count, so that neither holds up
+// the counting.
+func (s *stopper) tellDrain() error {
+	if s.drained {
+		return nil
+	}
+	err := s.notify("drain")
+	s.drained = err == nil
+	return err
+}
+
+// release sends "done" (after "drain", if that has not got through yet),
+// retrying with a backoff that grows to --interval for up to --exit-wait,
+// the hook's time after the drain: --timeout may be unset, and a pod whose
+// proxy is gone must not be held until the kubelet's SIGKILL.
+func (s *stopper) release(ctx context.Context) error {
+	from := s.now()
+	for wait := 10 * time.Millisecond; ; wait = min(2*wait, s.cfg.interval) {
+		err := s.tellDrain()
+		if err == nil {
+			err = s.notify("done")
+		}
+		if err == nil {
+			return nil
+		}
+		left := s.cfg.exitWait - s.now().Sub(from)
+		if left <= 0 || s.sleep(ctx, min(wait, left)) != nil {
+			err = fmt.Errorf("release the app's preStop (tried for %v): %w", s.now().Sub(from).Round(time.Millisecond), err)
+			s.log.Error("could not release the app's preStop", "err", err)
+			return err
+		}
+	}
 }
 
 // waitForCalls returns once no call is left and -min-drain has passed, or
@@ -294,6 +330,7 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), perr)
 		}
 		afterEvent = woken
+		s.tellDrain()
 	}
 }
 
