@@ -153,9 +153,9 @@ func printable(b []byte) bool {
 	return true
 }
 
-// fifoWriter is the stopper's end. It never blocks: with no proxy reading
-// (or no pipe at all) a message is dropped with an error, because the pod is
-// terminating either way and the stopper must go on counting.
+// fifoWriter is the stopper's end. It never blocks: with no proxy reading,
+// no pipe at all or a full pipe, a message is dropped with an error, because
+// the stopper must go on counting; it retries "drain" and "done" itself.
 type fifoWriter struct {
 	path string
 	fd   int

@@ -166,18 +166,18 @@ func scenarioTimeout(t *testing.T, pod *nsPod) {
 }
 
 // scenarioNoFIFO: no proxy and no pipe; the stopper warns and still works,
-// counting from /proc.
+// counting from /proc, then exits 1: the app's preStop was not released.
 func scenarioNoFIFO(t *testing.T, pod *nsPod) {
 	pod.startApp(t, false)
 	call := pod.call(t, "[::1]:8080")
 	// /proc counts with polling only: no destroy events.
-	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s", "--source", "proc")
+	stopper := pod.startStopper(t, "--interval", "200ms", "--min-drain", "0s", "--source", "proc", "--exit-wait", "1s")
 	time.Sleep(time.Second)
 	pod.assertNotSignalled(t, "a call open")
 	call.Close()
 	pod.waitSignalled(t)
-	pod.waitStopper(t, stopper, 0)
-	for _, want := range []string{"could not tell the proxy to drain", "counts_from=proc events=off"} {
+	pod.waitStopper(t, stopper, 1)
+	for _, want := range []string{"could not tell the proxy to drain", "counts_from=proc events=off", "wsdrain: release the app's preStop"} {
 		if !strings.Contains(pod.stopperErr.String(), want) {
 			t.Errorf("the stopper's log lacks %q:\n%s", want, pod.stopperErr)
 		}

@@ -40,7 +40,7 @@ const (
 	portTestLen       = 16 // the two port tests that open every filter
 	hostcondLen       = 8  // struct inet_diag_hostcond before its address
 
-	inetDiagSportOff  = 4  // idiag_sport, in network byte order
+	inetDiagSportOff = 4 // idiag_sport, in network byte order
 
 	// In struct tcp_info: milliseconds since data was last sent, received.
 	tcpiLastDataSentOff = 44

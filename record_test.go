@@ -162,6 +162,7 @@ func TestStopperTrustsOnlyItsOwnRecord(t *testing.T) {
 				app, _ = procFS{"/proc"}.stat(cmd.Process.Pid)
 			}
 			tt.setUp(t, record, app, port)
+			proxyPipe(t, filepath.Join(dir, "drain.fifo"), false)
 			before := snapshot(t, dir)
 			out, err := wsdrainCmd("stopper", "--target-port", strconv.Itoa(int(port)), "--fifo", filepath.Join(dir, "drain.fifo"), "--min-drain", "0s").CombinedOutput()
 			if code := exitCodeOf(err); code != tt.code || !strings.Contains(string(out), tt.say) {

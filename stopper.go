@@ -39,12 +39,12 @@ exit status: 0 the app was signalled or released (or an earlier run did it),
 
 type stopperConfig struct {
 	calls
-	fifo          string
-	interval      time.Duration
-	minDrain      time.Duration
-	timeout       time.Duration
-	exitWait      time.Duration
-	signal        syscall.Signal
+	fifo     string
+	interval time.Duration
+	minDrain time.Duration
+	timeout  time.Duration
+	exitWait time.Duration
+	signal   syscall.Signal
 }
 
 func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
@@ -172,6 +172,7 @@ type stopper struct {
 	listening       func() (bool, error)
 	record          signalLog // notes a release there, for a repeated run; no path: nowhere
 	readyAt         time.Time // counts that answer events wait for it (charge)
+	drained         bool      // the proxy has taken "drain"
 }
 
 func (s *stopper) run(ctx context.Context) error {
@@ -179,8 +180,8 @@ func (s *stopper) run(ctx context.Context) error {
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
 		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
 		"not_calls", s.cfg.exclude.String(), "pid_namespace", map[bool]string{true: "private", false: "shared"}[s.ownPIDNamespace])
-	if err := s.notify("drain"); err != nil {
-		s.log.Warn("could not tell the proxy to drain; going on, the pod is terminating anyway", "err", err)
+	if err := s.tellDrain(); err != nil {
+		s.log.Warn("could not tell the proxy to drain; retrying at each count", "err", err)
 	}
 	if err := s.waitForCalls(ctx, begun); err != nil {
 		return err
@@ -191,9 +192,7 @@ func (s *stopper) run(ctx context.Context) error {
 	signalled, err := s.signal(ctx)
 	// Release the app's preStop even when signalling failed: the kubelet's
 	// own SIGTERM then reaches the app, and the calls are over either way.
-	if nerr := s.notify("done"); nerr != nil {
-		s.log.Warn("could not release the app's preStop", "err", nerr)
-	}
+	rerr := s.release(ctx)
 	if err != nil {
 		s.log.Error("could not signal the app", "err", err)
 		return err
@@ -201,7 +200,41 @@ func (s *stopper) run(ctx context.Context) error {
 	if len(signalled) > 0 {
 		s.waitExit(ctx, "app still running after the signal", func() (bool, error) { return !slices.ContainsFunc(signalled, s.alive), nil })
 	}
-	return nil
+	return rerr
+}
+
+// tellDrain sends "drain" until the proxy has taken it; the stopper retries
+// it at each count, so that a full pipe or a late proxy never holds up the
+// counting.
+func (s *stopper) tellDrain() error {
+	if s.drained {
+		return nil
+	}
+	err := s.notify("drain")
+	s.drained = err == nil
+	return err
+}
+
+// release sends "done" (and "drain" first, if it has not got through),
+// retrying for up to --exit-wait: --timeout may be unset, and a pod whose
+// proxy is gone must not be held until the kubelet's SIGKILL.
+func (s *stopper) release(ctx context.Context) error {
+	from := s.now()
+	for wait := 10 * time.Millisecond; ; wait = min(2*wait, s.cfg.interval) {
+		err := s.tellDrain()
+		if err == nil {
+			err = s.notify("done")
+		}
+		if err == nil {
+			return nil
+		}
+		left := s.cfg.exitWait - s.now().Sub(from)
+		if left <= 0 || s.sleep(ctx, min(wait, left)) != nil {
+			err = fmt.Errorf("release the app's preStop (tried for %v): %w", s.now().Sub(from).Round(time.Millisecond), err)
+			s.log.Error("could not release the app's preStop", "err", err)
+			return err
+		}
+	}
 }
 
 // leaveSignalToKubelet ends the drain where the app is out of sight: "done"
@@ -213,8 +246,8 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 	// with nothing listening, the counts were of a port the app does not
 	// serve (a wrong --target-port, say), and a zero of them proves nothing.
 	listening, lerr := s.listening()
-	if err := s.notify("done"); err != nil {
-		s.log.Warn("could not release the app's preStop", "err", err)
+	if err := s.release(ctx); err != nil {
+		return err
 	}
 	var notFound error
 	if lerr == nil && !listening {
@@ -290,6 +323,7 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 			return fmt.Errorf("stopper interrupted while %s connections were open: %w", countAttr(n, err), perr)
 		}
 		afterEvent = woken
+		s.tellDrain()
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -155,8 +157,9 @@ func TestStopperGoesOnWithoutAProxy(t *testing.T) {
 		sleep:  clock.sleep,
 		signal: (&recordingApp{clock: clock, events: &events}).signal,
 	}
-	if err := s.run(context.Background()); err != nil || len(events) != 1 {
-		t.Fatalf("run = %v, events %q; want the app signalled despite the missing proxy", err, events)
+	err := s.run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "release the app's preStop") || len(events) != 1 {
+		t.Fatalf("run = %v, events %q; want the app signalled despite the missing proxy, then an error: its preStop was not released", err, events)
 	}
 }
 
@@ -496,5 +499,146 @@ func TestStopperWaitsForTheSignalledAppToExit(t *testing.T) {
 		if err := s.run(context.Background()); err != nil || !strings.Contains(log.String(), tt.want) {
 			t.Errorf("run = %v; log lacks %q:\n%s", err, tt.want, &log)
 		}
+	}
+}
+
+// proxyPipe makes the drain pipe at path, with the test as the proxy that
+// holds it open; full, another writer has filled it to the brim. read
+// empties the pipe and returns the messages it has held so far.
+func proxyPipe(t *testing.T, path string, full bool) (read func() []string) {
+	t.Helper()
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	filler := bytes.Repeat([]byte("x"), maxMessage)
+	for _, chunk := range [][]byte{filler, filler[:1]} { // pages, then the last page's tail
+		for full {
+			if _, err := syscall.Write(fd, chunk); err != nil {
+				break
+			}
+		}
+	}
+	var held []byte
+	return func() []string {
+		buf := make([]byte, 1<<16)
+		for {
+			n, err := syscall.Read(fd, buf)
+			if err != nil || n <= 0 {
+				break
+			}
+			held = append(held, buf[:n]...)
+		}
+		var msgs []string
+		readFIFO(bytes.NewReader(held), fifoEvents{
+			drain:      func() { msgs = append(msgs, "drain") },
+			done:       func() { msgs = append(msgs, "done") },
+			stopperLog: func([]byte) {},
+			ignored:    func(string, []byte) {},
+		})
+		return msgs
+	}
+}
+
+// TestStopperGetsDrainAndDoneThroughAFullPipe: with the pipe full when the
+// stopper starts (something else filled it, or the proxy is slow to read),
+// the proxy must still get "drain" (while calls are open, if it reads by
+// then) and "done" once it reads again, and the retries must not hold up the
+// count: the app is signalled within an --interval of the last call.
+func TestStopperGetsDrainAndDoneThroughAFullPipe(t *testing.T) {
+	const lastCall = 2 * time.Second
+	for _, tt := range []struct {
+		name              string
+		readsFrom         time.Duration
+		drainedWhileCalls bool
+	}{
+		{"the proxy reads again while calls are open", 300 * time.Millisecond, true},
+		{"the proxy reads again after the last call", lastCall + 300*time.Millisecond, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "drain.fifo")
+			read := proxyPipe(t, path, true)
+			start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+			clock := &fakeClock{t: start}
+			var events, whileCalls []string
+			var log strings.Builder
+			app := &recordingApp{clock: clock, events: &events}
+			s := &stopper{
+				cfg: stopperConfig{interval: time.Second, exitWait: 10 * time.Second},
+				log: slog.New(slog.NewTextHandler(&log, nil)),
+				count: func() (tally, error) {
+					if clock.t.Sub(start) < lastCall {
+						return tally{calls: 1}, nil
+					}
+					return tally{}, nil
+				},
+				notify: newFIFOWriter(path).send,
+				now:    clock.now,
+				sleep: func(ctx context.Context, d time.Duration) error {
+					before := clock.t.Sub(start)
+					err := clock.sleep(ctx, d)
+					if clock.t.Sub(start) >= tt.readsFrom { // the proxy reads during this wait
+						if got := read(); before < lastCall {
+							whileCalls = got
+						}
+					}
+					return err
+				},
+				signal: app.signal,
+			}
+			if err := s.run(context.Background()); err != nil {
+				t.Fatalf("stopper: %v\n%s", err, &log)
+			}
+			if got := read(); !slices.Equal(got, []string{"drain", "done"}) {
+				t.Errorf("the proxy got %q; want drain, then done\n%s", got, &log)
+			}
+			if tt.drainedWhileCalls && !slices.Contains(whileCalls, "drain") {
+				t.Errorf("the proxy read the pipe from %v but had no drain before the last call at %v: readiness stayed 200", tt.readsFrom, lastCall)
+			}
+			if got := app.signalled.Sub(start); got < lastCall || got > lastCall+s.cfg.interval {
+				t.Errorf("app signalled at %v; want within an --interval of the last call at %v", got, lastCall)
+			}
+		})
+	}
+}
+
+// TestStopperFailsWhenDoneNeverGetsThrough: a pipe that stays full keeps the
+// app's preStop held; the stopper must say so with a non-zero exit, after
+// retrying for --exit-wait, in both shapes of pod.
+func TestStopperFailsWhenDoneNeverGetsThrough(t *testing.T) {
+	for _, own := range []bool{false, true} {
+		t.Run(map[bool]string{true: "private", false: "shared"}[own], func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "drain.fifo")
+			read := proxyPipe(t, path, true)
+			start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+			clock := &fakeClock{t: start}
+			var events []string
+			var log strings.Builder
+			s := &stopper{
+				cfg:             stopperConfig{calls: calls{port: 8080}, interval: time.Second, exitWait: 10 * time.Second},
+				log:             slog.New(slog.NewTextHandler(&log, nil)),
+				count:           func() (tally, error) { return tally{}, nil },
+				notify:          newFIFOWriter(path).send,
+				now:             clock.now,
+				sleep:           clock.sleep,
+				signal:          (&recordingApp{clock: clock, events: &events}).signal,
+				ownPIDNamespace: own,
+				listening:       func() (bool, error) { return true, nil },
+			}
+			err := s.run(context.Background())
+			if err == nil || !strings.Contains(err.Error(), "release the app's preStop") {
+				t.Fatalf("stopper with a pipe that stays full: %v; want an error saying the app's preStop was not released\n%s", err, &log)
+			}
+			if took := clock.t.Sub(start); took < s.cfg.exitWait || took > 2*s.cfg.exitWait+s.cfg.interval {
+				t.Errorf("the stopper gave up after %v; want after retrying for --exit-wait (%v)", took, s.cfg.exitWait)
+			}
+			if got := read(); len(got) != 0 {
+				t.Errorf("the proxy got %q from a pipe that stayed full", got)
+			}
+		})
 	}
 }
