@@ -36,42 +36,18 @@ import (
 // maxMessage is PIPE_BUF: the largest write the kernel keeps in one piece.
 const maxMessage = 4096
 
-// ensureFIFO creates the pipe if it is missing and refuses any other kind
-// of file at path, so that a mistyped path never reads or truncates a file.
+// ensureFIFO creates the pipe if nothing is at path.
 func ensureFIFO(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("create fifo %s: %w", path, err)
-		}
-		fi, err = os.Lstat(path)
-	}
-	if err != nil {
-		return fmt.Errorf("fifo: %w", err)
-	}
-	return checkOwnFIFO(path, fi)
-}
-
-// checkOwnFIFO refuses anything but a named pipe of our own that no other
-// user may write: whoever can write it can drain the pod.
-func checkOwnFIFO(path string, fi os.FileInfo) error {
-	const hint = "point --fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"
-	if fi.Mode()&os.ModeNamedPipe == 0 {
-		return hintError{fmt.Errorf("fifo %s exists and is not a named pipe", path), hint}
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
-		return hintError{fmt.Errorf("fifo %s is owned by uid %d, not by this process's uid %d", path, st.Uid, os.Geteuid()), hint}
-	}
-	if fi.Mode().Perm()&0o022 != 0 {
-		return hintError{fmt.Errorf("fifo %s is writable by group or others (mode %04o)", path, fi.Mode().Perm()), hint}
+	if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("create fifo %s: %w", path, err)
 	}
 	return nil
 }
 
-// openFIFOReader opens the pipe read-write. Opened read-only, open(2) would
-// block until a writer appears and every writer's close would give EOF; as
-// its own writer the proxy never blocks and never sees EOF. It does not
-// follow a symlink, and checks again what it opened.
+// openFIFOReader opens the pipe read-write, so that open(2) does not wait
+// for a writer and a writer's close gives no EOF. Whoever can write the pipe
+// can drain the pod: it must be a pipe of our own that no one else may write,
+// reached through no symlink.
 func openFIFOReader(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
 	if err != nil {
@@ -79,11 +55,12 @@ func openFIFOReader(path string) (*os.File, error) {
 	}
 	fi, err := f.Stat()
 	if err == nil {
-		err = checkOwnFIFO(path, fi)
+		err = checkOwn(fi, os.ModeNamedPipe)
 	}
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, hintError{fmt.Errorf("fifo %s: %w", path, err),
+			"point --fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"}
 	}
 	return f, nil
 }
@@ -153,9 +130,9 @@ func printable(b []byte) bool {
 	return true
 }
 
-// fifoWriter is the stopper's end. It never blocks: with no proxy reading,
-// no pipe at all or a full pipe, a message is dropped with an error, because
-// the stopper must go on counting; it retries "drain" and "done" itself.
+// fifoWriter is the stopper's end. It never blocks, as the stopper must go
+// on counting: with no proxy reading or a full pipe a message is dropped
+// with an error (the stopper retries "drain" and "done").
 type fifoWriter struct {
 	path string
 	fd   int
@@ -163,8 +140,8 @@ type fifoWriter struct {
 
 func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path, fd: -1} }
 
-// send writes msg between two newlines in one write. It reopens the pipe
-// when needed, so a proxy that starts late still gets later messages.
+// send writes msg between two newlines in one write, opening the pipe again
+// if needed, so that a proxy that starts late gets later messages.
 func (w *fifoWriter) send(msg string) error {
 	if len(msg) > maxMessage-2 {
 		msg = strings.ToValidUTF8(msg[:maxMessage-2], "")
@@ -185,7 +162,7 @@ func (w *fifoWriter) send(msg string) error {
 	return nil
 }
 
-// Write sends one log line; it lets a slog handler write to the proxy.
+// Write sends one log line: a slog handler writes to the proxy through it.
 func (w *fifoWriter) Write(p []byte) (int, error) {
 	if err := w.send("log " + string(bytes.TrimSuffix(p, []byte("\n")))); err != nil {
 		return 0, err
@@ -193,9 +170,8 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// open opens the pipe write-only and non-blocking: that fails at once with
-// ENXIO when no proxy has it open, instead of waiting for one. It does not
-// follow a symlink, which could lead the writes to another pipe.
+// open opens the pipe without waiting for a reader (ENXIO if there is none)
+// and without following a symlink, which could lead the writes elsewhere.
 func (w *fifoWriter) open() error {
 	if w.fd >= 0 {
 		return nil
@@ -207,7 +183,7 @@ func (w *fifoWriter) open() error {
 	case err == syscall.ELOOP:
 		return fmt.Errorf("fifo %s is a symbolic link: refused", w.path)
 	case err != nil:
-		return fmt.Errorf("open fifo: %w", &os.PathError{Op: "open", Path: w.path, Err: err})
+		return fmt.Errorf("open fifo %s: %w", w.path, err)
 	}
 	var st syscall.Stat_t
 	if err := syscall.Fstat(fd, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFIFO {

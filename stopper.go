@@ -1,8 +1,6 @@
 // stopper.go is the sidecar's preStop hook: it starts the drain, waits until
-// the app's port has no ESTABLISHED connection left, signals the app (or,
-// where it cannot see the app, leaves that to the kubelet), and tells all of
-// it to the proxy's log, since the kubelet discards hook output.
-// It also holds the count mode, which shows an operator the same count.
+// no call is left on the app's port, then signals the app or, where the app
+// is out of sight, leaves that to the kubelet. Its log goes to the proxy's.
 
 package main
 
@@ -23,12 +21,10 @@ import (
 const stopperHelp = `usage: wsdrain stopper [flags]
 
 The sidecar's preStop hook. Tells the proxy to drain (readiness 503), waits
-until no ESTABLISHED connection is left on --target-port (and --min-drain has
-passed), then signals the app and releases the app's preStop. What it does is
-copied to the proxy's log (kubectl logs). Where the PID namespace is the
-sidecar's own, the app is out of sight: it signals nothing, releases the app's
-preStop so that the kubelet signals the app, and waits for the app's listening
-socket to close.
+until no call is left on --target-port and --min-drain has passed, then
+signals the app and releases the app's preStop. In a PID namespace of the
+sidecar's own it signals nothing: the kubelet signals the app once its preStop
+is released. Its log is copied to the proxy's (kubectl logs).
 
 example:
   wsdrain stopper --target-port 8080 --fifo /run/wsdrain/drain.fifo --timeout 570s
@@ -75,7 +71,6 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 		exitWait: exitWait.d, signal: sig}, nil
 }
 
-// runStopper wires the stopper to the real kernel tables, /proc and pipe.
 func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseStopperFlags(args, stdout)
 	if err != nil {
@@ -126,8 +121,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 }
 
 // subscribeIfNetlink returns a wait that a destroy event on the port cuts
-// short, or nil where counts come from /proc or events are refused: then the
-// stopper polls only, as it says once.
+// short, or nil (poll only) with /proc or where events are refused.
 func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (wait func(context.Context, time.Duration) (bool, error), stop func()) {
 	if source != "netlink" {
 		return nil, func() {}
@@ -139,38 +133,47 @@ func subscribeIfNetlink(source string, port uint16, log *slog.Logger) (wait func
 		log.Warn("socket destroy events unavailable; polling every --interval only", "err", err)
 		return nil, func() {}
 	}
-	return func(ctx context.Context, d time.Duration) (bool, error) {
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			return false, nil
-		case <-wake:
-			return true, nil
-		case <-ctx.Done():
-			return false, ctx.Err()
-		}
-	}, stop
+	return func(ctx context.Context, d time.Duration) (bool, error) { return sleepOrWake(ctx, d, wake) }, stop
+}
+
+// sleepOrWake sleeps for d, or until wake gets a value or ctx ends.
+func sleepOrWake(ctx context.Context, d time.Duration, wake <-chan struct{}) (woken bool, err error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return false, nil
+	case <-wake:
+		return true, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	_, err := sleepOrWake(ctx, d, nil)
+	return err
 }
 
 // stopper is the drain loop; its boundaries are fields so tests can drive it.
 type stopper struct {
 	cfg    stopperConfig
 	log    *slog.Logger
-	source string                                                             // where counts come from, for the log
-	events func(ctx context.Context, d time.Duration) (woken bool, err error) // nil: poll only
-	cpu    func() time.Duration                                               // CPU used so far; read only with events
+	source string // where counts come from, for the log
+	// events waits as sleep does, but a destroy event ends it; nil: poll only.
+	events func(ctx context.Context, d time.Duration) (woken bool, err error)
+	cpu    func() time.Duration // read only with events
 	count  func() (tally, error)
 	notify func(msg string) error
 	now    func() time.Time
 	sleep  func(ctx context.Context, d time.Duration) error
-	signal func(ctx context.Context) ([]process, error) // signals the app; returns whom to wait for
+	signal func(ctx context.Context) ([]process, error) // returns whom to wait for
 	alive  func(process) bool
-	// ownPIDNamespace: the app is out of sight and the kubelet signals it;
-	// listening then tells when the app has exited.
+	// In a PID namespace of its own, the app's listening socket is the one
+	// sign of it, and the record notes the release for a repeated run.
 	ownPIDNamespace bool
 	listening       func() (bool, error)
-	record          signalLog // notes a release there, for a repeated run; no path: nowhere
+	record          signalLog
 	readyAt         time.Time // counts that answer events wait for it (charge)
 	drained         bool      // the proxy has taken "drain"
 }
@@ -178,7 +181,7 @@ type stopper struct {
 func (s *stopper) run(ctx context.Context) error {
 	begun := s.now()
 	s.log.Info("stopper started", "version", buildVersion(), "target_port", s.cfg.port,
-		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", onOff(s.events != nil),
+		"min_drain", s.cfg.minDrain, "timeout", s.cfg.timeout, "counts_from", s.source, "events", map[bool]string{true: "on", false: "off"}[s.events != nil],
 		"not_calls", s.cfg.exclude.String(), "pid_namespace", map[bool]string{true: "private", false: "shared"}[s.ownPIDNamespace])
 	if err := s.tellDrain(); err != nil {
 		s.log.Warn("could not tell the proxy to drain; retrying at each count", "err", err)
@@ -203,9 +206,8 @@ func (s *stopper) run(ctx context.Context) error {
 	return rerr
 }
 
-// tellDrain sends "drain" until the proxy has taken it; the stopper retries
-// it at each count, so that a full pipe or a late proxy never holds up the
-// counting.
+// tellDrain sends "drain" until the proxy has taken it, once per count: a
+// full pipe or a late proxy must not hold up the counting.
 func (s *stopper) tellDrain() error {
 	if s.drained {
 		return nil
@@ -238,13 +240,11 @@ func (s *stopper) release(ctx context.Context) error {
 }
 
 // leaveSignalToKubelet ends the drain where the app is out of sight: "done"
-// releases the app's preStop, and the kubelet then signals the app. The
-// stopper waits for the app's exit only so that the proxy, stopped after
-// this hook returns, outlives the app.
+// releases its preStop and the kubelet signals it. The stopper waits for the
+// app's exit so that the proxy, stopped after this hook, outlives the app.
 func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
-	// Before the release, as the shared shape looks for the port's owner:
-	// with nothing listening, the counts were of a port the app does not
-	// serve (a wrong --target-port, say), and a zero of them proves nothing.
+	// With nothing listening, the counts were of a port the app does not
+	// serve (a wrong --target-port, say), and their zero proves nothing.
 	listening, lerr := s.listening()
 	if err := s.release(ctx); err != nil {
 		return err
@@ -254,8 +254,7 @@ func (s *stopper) leaveSignalToKubelet(ctx context.Context) error {
 		notFound = hintError{fmt.Errorf("nothing listens on port %d", s.cfg.port),
 			"set --target-port to the port the app takes its calls on: the drain counted the connections of this one"}
 	}
-	// A repeated hook (the kubelet restarted mid-termination, say) finds the
-	// app gone after the run that released it; that is no error.
+	// A repeated hook finds the app gone after the run that released it.
 	switch err := s.record.released(ctx, "port "+strconv.Itoa(int(s.cfg.port)), notFound, s.log); {
 	case err != nil:
 		s.log.Error("could not see the app", "err", err)
@@ -291,17 +290,21 @@ func (s *stopper) waitExit(ctx context.Context, still string, gone func() (bool,
 	}
 }
 
-// waitForCalls returns once no call is left and -min-drain has passed, or
-// at -timeout. A count it could not read never counts as zero, and a zero
-// is read twice before it is believed: neither /proc nor a netlink dump is
-// a snapshot of the socket tables, so one reading can miss a socket.
+// waitForCalls returns once no call is left and --min-drain has passed, or
+// at --timeout. A count it could not read is never zero, and a zero is read
+// twice: neither /proc nor a netlink dump is a snapshot, and one reading can
+// miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 	r := countReporter{log: s.log, last: tally{calls: -1}}
 	afterEvent := false // whether this count answers a destroy event
 	for {
-		t, cost, err := s.timedCount()
+		var before time.Duration
 		if afterEvent {
-			s.charge(cost)
+			before = s.cpu() // CPU, not the clock: a busy node makes counts slow, not dear
+		}
+		t, err := s.count()
+		if afterEvent {
+			s.charge(s.cpu() - before)
 		}
 		elapsed := s.now().Sub(begun)
 		if err == nil && t.calls == 0 && elapsed >= s.cfg.minDrain {
@@ -327,19 +330,6 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 	}
 }
 
-// timedCount counts and, when events can trigger counts (they are spaced
-// by it), says what the count cost in CPU time. CPU, not the clock: on a
-// busy node a cheap count can take long, and it would hold back the next.
-func (s *stopper) timedCount() (t tally, cost time.Duration, err error) {
-	if s.events == nil {
-		t, err = s.count()
-		return t, 0, err
-	}
-	before := s.cpu()
-	t, err = s.count()
-	return t, s.cpu() - before, err
-}
-
 // processCPU is the CPU time, user and system, this process has used.
 func processCPU() time.Duration {
 	var ru syscall.Rusage
@@ -357,15 +347,14 @@ func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
 	return t, err
 }
 
-// recountGap is how many times its CPU cost a count that answered an event
-// must be paid back in wall time: counts that answer events use at most a
-// twentieth of a core in the long run (BENCHMARKS.md).
-const recountGap = 20
-
-// recountBurst is the credit a quiet spell builds up, so that the last calls
-// ending a few milliseconds apart are each answered at once: a count costs
-// what walking the node's socket table costs, not what the calls left cost.
-const recountBurst = time.Second
+// A count that answered an event is paid back by waiting recountGap times
+// its CPU cost, so counts that answer events use at most a twentieth of a
+// core; a quiet spell builds up to recountBurst of credit, so that the last
+// calls, ending milliseconds apart, are each answered at once.
+const (
+	recountGap   = 20
+	recountBurst = time.Second
+)
 
 // charge pays for a count that answered an event: events may trigger counts
 // again once readyAt has passed.
@@ -376,11 +365,8 @@ func (s *stopper) charge(cost time.Duration) {
 	s.readyAt = s.readyAt.Add(recountGap * cost)
 }
 
-// pause waits until the next poll, d, or until a destroy event on the
-// target port, and reports whether an event ended it. An event is answered
-// at once while there is credit, else once the debt is paid (never later
-// than the poll): however fast calls end, counts answering events stay
-// within 1/recountGap of a core, plus the burst.
+// pause waits for d, the next poll, or a destroy event on the port, which
+// is answered once readyAt has passed (never later than the poll).
 func (s *stopper) pause(ctx context.Context, d time.Duration) (woken bool, err error) {
 	if s.events == nil {
 		return false, s.sleep(ctx, d)
@@ -395,7 +381,7 @@ func (s *stopper) pause(ctx context.Context, d time.Duration) (woken bool, err e
 	return true, nil
 }
 
-// nextWait is one interval, cut short to land on -min-drain or -timeout.
+// nextWait is one interval, cut short to land on --min-drain or --timeout.
 func (s *stopper) nextWait(n int, err error, elapsed time.Duration) time.Duration {
 	wait := s.cfg.interval
 	if err == nil && n == 0 && s.cfg.minDrain > elapsed {
@@ -435,28 +421,9 @@ func (r *countReporter) report(t tally, err error, elapsed time.Duration) {
 	}
 }
 
-func onOff(b bool) string {
-	if b {
-		return "on"
-	}
-	return "off"
-}
-
 func countAttr(n int, err error) string {
 	if err != nil {
 		return "unknown"
 	}
 	return fmt.Sprint(n)
-}
-
-// sleepCtx sleeps for d or until ctx ends.
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
