@@ -148,7 +148,7 @@ func TestProxyRefusesAPipeThatIsNotItsOwn(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v; want a refusal saying %q", err, tt.want)
 			}
-			var hinted interface{ Hint() string }
+			var hinted hintError
 			if !errors.As(err, &hinted) {
 				t.Errorf("the refusal has no hint: %v", err)
 			}

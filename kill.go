@@ -1,6 +1,6 @@
-// kill.go finds the app's process in the pod's shared PID namespace and
-// signals it. It never signals PID 1 (the pod's pause process), itself or
-// its ancestors, and never escalates to SIGKILL: the kubelet owns that.
+// kill.go finds the app's server in a shared PID namespace and signals it:
+// never PID 1 (the pod's /pause), the stopper or its ancestors, and never
+// SIGKILL, which the kubelet owns.
 
 package main
 
@@ -31,8 +31,8 @@ type process struct {
 // procFS reads processes under a proc mount; tests point it elsewhere.
 type procFS struct{ root string }
 
-// stat reads /proc/PID/stat. comm may hold spaces and parentheses, so the
-// fields after it are found from the last ')'.
+// stat reads /proc/PID/stat; comm may hold spaces and ')', so the fields
+// after it are found from the last ')'.
 func (fs procFS) stat(pid int) (process, error) {
 	b, err := os.ReadFile(filepath.Join(fs.root, strconv.Itoa(pid), "stat"))
 	if err != nil {
@@ -66,16 +66,14 @@ func (fs procFS) pids() ([]int, error) {
 			pids = append(pids, pid)
 		}
 	}
-	slices.Sort(pids) // by number, not as ReadDir sorts names: in start order, until PIDs wrap
+	slices.Sort(pids) // by number: in start order, until PIDs wrap
 	return pids, nil
 }
 
-// ownPIDNamespace reports whether PID 1 is in this process's own mount
-// namespace, that is, in its own container: then the PID namespace is the
-// container's, the app is out of sight, and the kubelet alone signals it.
-// With shareProcessNamespace, PID 1 is the pause container's /pause, whose
-// mount namespace is another, and whose link may be unreadable. Only a
-// positive match counts, so that a doubt leaves the stopper signalling.
+// ownPIDNamespace reports whether PID 1 shares this process's mount
+// namespace, that is, its container: then the app is out of sight. With
+// shareProcessNamespace PID 1 is /pause, in another mount namespace (its link
+// may be unreadable). Only a match counts: a doubt leaves the stopper signalling.
 func (fs procFS) ownPIDNamespace() bool {
 	self, err := os.Readlink(filepath.Join(fs.root, "self", "ns", "mnt"))
 	if err != nil {
@@ -85,10 +83,9 @@ func (fs procFS) ownPIDNamespace() bool {
 	return err == nil && init == self
 }
 
-// socketOwners returns the processes with an open fd on one of the socket
-// inodes, and those whose fds it was not allowed to read. Each is stat'ed
-// before and after its fds are read: a PID reused meanwhile is skipped, so
-// an owner's identity is the one whose fds were read.
+// socketOwners returns the processes with an fd on one of the sockets, and
+// those whose fds it may not read. A PID reused while its fds were read (the
+// start time changed) is skipped.
 func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
 	pids, err := fs.pids()
 	if err != nil {
@@ -147,16 +144,14 @@ func (fs procFS) ancestors(pid int) map[int]bool {
 	return seen
 }
 
-// alive reports whether p is still running: a zombie has exited, and a
-// different start time means the PID was reused.
+// alive reports whether p runs: not a zombie, and its PID not reused.
 func (fs procFS) alive(p process) bool {
 	now, err := fs.stat(p.pid)
 	return err == nil && now.start == p.start && now.state != 'Z' && now.state != 'X'
 }
 
 // rootsOf keeps the processes whose parent is not among them: a pre-fork
-// server's workers share the listening socket, and the master is the one
-// that shuts them down cleanly.
+// server's master, which shuts its workers down cleanly.
 func rootsOf(ps []process) []process {
 	var roots []process
 	for _, p := range ps {
@@ -167,8 +162,7 @@ func rootsOf(ps []process) []process {
 	return roots
 }
 
-// withoutUnsafe drops PID 1 and the given processes (the stopper and its
-// ancestors), whatever they hold.
+// withoutUnsafe drops PID 1 and the protected processes, whatever they hold.
 func withoutUnsafe(ps []process, protected map[int]bool) []process {
 	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
 }
@@ -196,9 +190,8 @@ func (t targetFinder) find() ([]process, error) {
 	if err != nil {
 		return nil, err
 	}
-	// A process we may not inspect may hold the socket too: the master of a
-	// pre-fork server running as another user, say. Signalling only the
-	// workers we can see would leave it listening, so refuse instead.
+	// One we may not inspect may hold it too (a master running as another
+	// user): signalling only the workers we see would leave it listening.
 	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
 		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
 			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
@@ -221,10 +214,9 @@ func describe(ps []process) string {
 	return strings.Join(names, ", ")
 }
 
-// signalProcess sends sig to p unless p has gone or its PID was reused. It
-// signals through a pidfd, which names one process for good: a start time
-// read after the pidfd was taken proves the pidfd names p, and no reuse of
-// the PID can slip in between that check and the signal.
+// signalProcess sends sig to p unless it has gone, through a pidfd, which
+// names one process for good: the start time read after the pidfd was taken
+// proves it names p, and no reuse of the PID can slip in before the signal.
 func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
 	proc, err := os.FindProcess(p.pid) // pidfd_open(2) on Linux
 	if err != nil {
@@ -257,14 +249,13 @@ type appSignaller struct {
 	fs       procFS
 	finder   targetFinder
 	record   signalLog
-	lockWait time.Duration // how long an overlapping run may keep the record: recordLockWait; 0 for ever
+	lockWait time.Duration // recordLockWait; 0: until ctx ends
 	sig      syscall.Signal
 	log      *slog.Logger
 }
 
-// signal sends the signal to every target not signalled by an earlier run
-// and returns the targets that are still to exit. What it signalled is
-// recorded even when a later signal fails.
+// signal signals every target that no earlier run signalled, records them
+// (even when a later signal fails), and returns whom to wait for.
 func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
@@ -294,8 +285,8 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	return targets, nil
 }
 
-// parseSignal accepts TERM, SIGTERM or sigterm. SIGKILL and SIGSTOP are
-// refused: the kubelet owns the hard stop, and a stopped app holds its calls.
+// parseSignal accepts TERM, SIGTERM or sigterm; never KILL (the kubelet's) or
+// STOP (a stopped app holds its calls).
 func parseSignal(s string) (syscall.Signal, error) {
 	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
 	if !ok {

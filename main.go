@@ -1,25 +1,13 @@
 // Wsdrain lets a Kubernetes pod that holds long-lived WebSocket (or any TCP)
-// connections terminate only after its last connection has ended, without
-// changing the application.
-//
-// It runs as a sidecar, in two modes:
-//
-//	wsdrain proxy    the readiness proxy, for the pod's whole life
-//	wsdrain stopper  the sidecar's preStop hook
-//
-// The proxy answers the app's readinessProbe by asking the app's health
-// endpoint, until the stopper tells it through a FIFO that the pod is
-// terminating; from then on it answers 503 so no new call is routed here. The
-// stopper counts the ESTABLISHED connections on the app's port in the pod's
-// shared network namespace and, once none are left, releases the app's own
-// preStop, an httpGet to the proxy's /drain path; the kubelet then sends the
-// app its stop signal. In a pod with shareProcessNamespace: true the stopper
-// first sends SIGTERM itself to the process that listens on that port, which
-// reaches a server behind a wrapper that would not pass the kubelet's on. The
-// proxy also serves GET /metrics: the calls now, for dashboards and autoscalers.
-//
-// Two more modes help operators: "wsdrain count" prints the live connection
-// count and "wsdrain version" the build.
+// connections terminate only after its last call has ended, without changing
+// the app. It runs as a sidecar: "wsdrain proxy" answers the app's readiness
+// probe with the app's health until the pod drains, then with 503, and holds
+// the app's preStop (GET /drain); "wsdrain stopper", the sidecar's preStop,
+// starts the drain through a pipe, counts the ESTABLISHED connections on the
+// app's port, and at zero releases the app's preStop, so that the kubelet
+// stops the app, and in a shared PID namespace signals the app's server
+// itself, past wrappers that swallow SIGTERM. "wsdrain count" prints the
+// count, "wsdrain version" the build.
 package main
 
 import (
@@ -65,9 +53,9 @@ func exitCode(err error, stderr io.Writer) int {
 		return 0
 	}
 	fmt.Fprintf(stderr, "wsdrain: %v\n", err)
-	var hinted interface{ Hint() string }
-	if errors.As(err, &hinted) && hinted.Hint() != "" {
-		fmt.Fprintf(stderr, "hint: %s\n", hinted.Hint())
+	var he hintError
+	if errors.As(err, &he) {
+		fmt.Fprintf(stderr, "hint: %s\n", he.hint)
 	}
 	var ue usageError
 	if errors.As(err, &ue) {
@@ -82,29 +70,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stderr, usage)
 		return usageError{errors.New("no mode given")}
 	}
-	err := runMode(ctx, args[0], args[1:], stdout, stderr)
+	var err error
+	switch mode, rest := args[0], args[1:]; mode {
+	case "proxy":
+		err = runProxy(ctx, rest, stdout)
+	case "stopper":
+		err = runStopper(ctx, rest, stdout, stderr)
+	case "count":
+		err = runCount(rest, stdout, stderr)
+	case "version":
+		fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stdout, usage)
+	default:
+		err = usageError{fmt.Errorf("unknown mode %q (want proxy, stopper, count or version)", mode)}
+	}
 	if errors.Is(err, errHelp) {
 		return nil
 	}
 	return err
-}
-
-func runMode(ctx context.Context, mode string, rest []string, stdout, stderr io.Writer) error {
-	switch mode {
-	case "proxy":
-		return runProxy(ctx, rest, stdout)
-	case "stopper":
-		return runStopper(ctx, rest, stdout, stderr)
-	case "count":
-		return runCount(rest, stdout, stderr)
-	case "version":
-		fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
-		return nil
-	case "-h", "-help", "--help", "help":
-		fmt.Fprint(stdout, usage)
-		return nil
-	}
-	return usageError{fmt.Errorf("unknown mode %q (want proxy, stopper, count or version)", mode)}
 }
 
 // usageError marks a mistake in the command line: exit status 2.
@@ -121,7 +105,6 @@ type hintError struct {
 
 func (e hintError) Error() string { return e.err.Error() }
 func (e hintError) Unwrap() error { return e.err }
-func (e hintError) Hint() string  { return e.hint }
 
 // parseFlags parses args with fs, whose own output is silenced so that an
 // error is one line. A -h prints the mode's help to out and returns errHelp.

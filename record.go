@@ -22,36 +22,30 @@ import (
 	"time"
 )
 
-// recordLockWait bounds the wait for the record's lock. An overlapping run
-// holds it only while it signals and writes a line; whoever holds it longer
-// must not hold back "done", which comes after the drain's own --timeout.
+// recordLockWait bounds the wait for the record's lock: a run holds it only
+// to signal and write a line, and "done", which waits for it, comes late.
 const recordLockWait = 5 * time.Second
 
-// signalLog is where the record lives.
 type signalLog struct{ path string }
 
-// record is the record file as one stopper run opened it: what earlier
-// runs signalled, and where this run adds what it signals. Without a
-// usable file it is empty and keeps nothing.
+// record is the file as one run opened it; without a usable file it is empty
+// and keeps nothing.
 type record struct {
 	f       *os.File
 	entries []recordEntry
 }
 
-// recordEntry is a line "PID START TARGET": what an earlier run acted on,
-// by PID and start time, and what it looked for ("port 8080"). A release
-// made with the app out of sight names no process, "0 0 port 8080": no
-// process found in /proc has PID 0, so it never stands for a signal.
+// recordEntry is a line "PID START TARGET" ("port 8080"). A release made with
+// the app out of sight is "0 0 TARGET": no process in /proc has PID 0, so a
+// release never stands for a signal.
 type recordEntry struct {
 	pid    int
 	start  uint64
 	target string
 }
 
-// open opens the record and takes its lock, waiting until ctx ends or, if
-// lockWait is not 0, for at most lockWait: the app's preStop waits on this
-// run. A record it cannot use or lock is logged, and the run goes on
-// without it; with no path there is none.
+// open opens the record and takes its lock, waiting for at most lockWait
+// (0: until ctx ends). A run goes on without a record it cannot use or lock.
 func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.Logger) record {
 	if l.path == "" {
 		return record{}
@@ -67,10 +61,8 @@ func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.L
 	return record{f: f, entries: readEntries(f)}
 }
 
-// openOwnFile opens path to read and append, creating it if missing. It
-// follows no symbolic link and accepts only a regular file of this user's
-// that no one else may write, so that no other process can make the
-// stopper write elsewhere or make up what earlier runs did.
+// openOwnFile opens path to read and append, creating it if missing, through
+// no symlink, and only if checkOwn accepts it.
 func openOwnFile(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if errors.Is(err, syscall.ELOOP) {
@@ -90,9 +82,8 @@ func openOwnFile(path string) (*os.File, error) {
 	return f, nil
 }
 
-// checkOwn refuses a file that is not of type want (0: a regular file) or
-// that another user owns or may write: such a file could drain the pod or
-// make up what earlier runs did.
+// checkOwn refuses a file not of type want (0: regular) that another user
+// owns or may write: it could drain the pod or make up what runs did.
 func checkOwn(fi os.FileInfo, want os.FileMode) error {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	switch {
@@ -109,9 +100,8 @@ func checkOwn(fi os.FileInfo, want os.FileMode) error {
 	return nil
 }
 
-// lockWithin takes an exclusive flock on f, polling so that the wait ends
-// with ctx, or after wait unless that is 0: a blocking flock would wait for
-// ever and ignore SIGTERM.
+// lockWithin takes an exclusive flock on f, polling: a blocking flock would
+// ignore SIGTERM.
 func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
 	const poll = 50 * time.Millisecond
 	deadline := time.Now().Add(wait)
@@ -131,8 +121,7 @@ func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
 	}
 }
 
-// readEntries reads the record's lines; damaged lines are skipped. A record
-// holds a few lines, so 64 KiB is more than enough.
+// readEntries reads the record's lines (a few), skipping damaged ones.
 func readEntries(f *os.File) []recordEntry {
 	b, _ := io.ReadAll(io.LimitReader(f, 64<<10))
 	var entries []recordEntry
@@ -155,10 +144,9 @@ func (r record) has(p process) bool {
 	return slices.ContainsFunc(r.entries, func(e recordEntry) bool { return e.pid == p.pid && e.start == p.start })
 }
 
-// doneEarlier decides a run that found nothing to act on. It succeeds only
-// when an earlier run acted on this same target, and returns the processes
-// it signalled that are still exiting, to be waited for. Else findErr
-// stands, so that a wrong port never passes for a finished job.
+// doneEarlier decides a run that found nothing to act on: success only if an
+// earlier run acted on this target (it returns those still exiting), else
+// findErr stands, so that a wrong port never passes for a finished job.
 func (r record) doneEarlier(target string, alive func(process) bool, findErr error, log *slog.Logger) ([]process, error) {
 	var earlier []process
 	for _, e := range r.entries {
@@ -178,9 +166,8 @@ func (r record) doneEarlier(target string, alive func(process) bool, findErr err
 	return exiting, nil
 }
 
-// released is the record's part where the app is out of sight: a release
-// made while the app listened is noted, naming no process; a run that
-// found nothing listening (notFound) is decided as a shared run would be.
+// released notes a release made while the app listened; a run that found
+// nothing listening (notFound) is decided as doneEarlier decides.
 func (l signalLog) released(ctx context.Context, target string, notFound error, log *slog.Logger) error {
 	rec := l.open(ctx, recordLockWait, log)
 	defer rec.close()
