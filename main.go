@@ -91,6 +91,59 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
+const stopperHelp = `usage: wsdrain stopper [flags]
+
+The sidecar's preStop hook. Tells the proxy to drain (readiness 503), waits
+until no call is left on --target-port and --min-drain has passed, then
+signals the app and releases the app's preStop. In a PID namespace of the
+sidecar's own it signals nothing: the kubelet signals the app once its preStop
+is released. Its log is copied to the proxy's (kubectl logs).
+
+example:
+  wsdrain stopper --target-port 8080 --fifo /run/wsdrain/drain.fifo --timeout 570s
+
+exit status: 0 the app was signalled or released (or an earlier run did it),
+1 no target was found, it could not be signalled or released, 2 bad usage.
+`
+
+type stopperConfig struct {
+	calls
+	fifo     string
+	interval time.Duration
+	minDrain time.Duration
+	timeout  time.Duration
+	exitWait time.Duration
+	signal   syscall.Signal
+}
+
+func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
+	fs := flag.NewFlagSet("stopper", flag.ContinueOnError)
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the proxy's drain `pipe`")
+	interval := durationFlag{d: time.Second}
+	minDrain := durationFlag{d: 5 * time.Second, allowZero: true}
+	timeout := durationFlag{allowZero: true}
+	exitWait := durationFlag{d: 10 * time.Second, allowZero: true}
+	fs.Var(&interval, "interval", "count at least once every `duration`; with netlink a call's end wakes the stopper at once")
+	fs.Var(&minDrain, "min-drain", "never stop the app sooner than this `duration` after the drain began: Services and load balancers may still send new calls meanwhile")
+	fs.Var(&timeout, "timeout", "stop the app anyway after this `duration`, so it gets SIGTERM and not the kubelet's SIGKILL; keep it 30s below terminationGracePeriodSeconds; 0 waits for ever")
+	fs.Var(&exitWait, "exit-wait", "after the signal or release, wait up to this `duration` for the app to exit")
+	sigName := fs.String("signal", "TERM", "the `signal`: TERM, INT, QUIT, HUP, USR1 or USR2")
+	flags := addCallFlags(fs)
+	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
+		return stopperConfig{}, err
+	}
+	sig, err := parseSignal(*sigName)
+	if err != nil {
+		return stopperConfig{}, err
+	}
+	c, err := flags.calls("stopper")
+	if err != nil {
+		return stopperConfig{}, err
+	}
+	return stopperConfig{calls: c, fifo: *fifo, interval: interval.d, minDrain: minDrain.d, timeout: timeout.d,
+		exitWait: exitWait.d, signal: sig}, nil
+}
+
 // usageError marks a mistake in the command line: exit status 2.
 type usageError struct{ err error }
 
