@@ -29,16 +29,14 @@ const (
 	inetDiagInfo        = 2  // INET_DIAG_INFO attribute: struct tcp_info
 	tcpEstablished      = 1
 	tcpListen           = 10
-
-	nlmsgHdrLen       = 16
-	inetDiagReqV2Len  = 56
-	inetDiagMsgLen    = 72
-	inetDiagRqueueOff = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
-	inetDiagInodeOff  = 68 // idiag_inode
-	inetDiagSportOff  = 4  // idiag_sport, in network byte order
-	portTestLen       = 16 // the two port tests that open every filter
-	hostcondLen       = 8  // struct inet_diag_hostcond before its address
-
+	nlmsgHdrLen         = 16
+	inetDiagReqV2Len    = 56
+	inetDiagMsgLen      = 72
+	inetDiagRqueueOff   = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
+	inetDiagInodeOff    = 68 // idiag_inode
+	inetDiagSportOff    = 4  // idiag_sport, in network byte order
+	portTestLen         = 16 // the two port tests that open every filter
+	hostcondLen         = 8  // struct inet_diag_hostcond before its address
 	tcpiLastDataSentOff = 44 // in struct tcp_info, in ms; then last_data_recv
 	tcpiLastDataRecvOff = 52
 	// nl_groups bits: SKNLGRP_INET_TCP_DESTROY (1), SKNLGRP_INET6_TCP_DESTROY (3).
@@ -55,8 +53,8 @@ type netlinkSource struct {
 	buf []byte
 }
 
-// newNetlinkSource opens the socket and makes one dump, so that a kernel or
-// sandbox that refuses sock_diag is found out here, not mid-drain.
+// newNetlinkSource opens the socket and makes one dump (of listeners: small),
+// so that a kernel or sandbox that refuses sock_diag is found out here.
 func newNetlinkSource() (*netlinkSource, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC, netlinkSockDiag)
 	if err != nil {
@@ -68,8 +66,7 @@ func newNetlinkSource() (*netlinkSource, error) {
 		return nil, fmt.Errorf("netlink sock_diag socket: %w", err)
 	}
 	n := &netlinkSource{fd: fd, buf: make([]byte, 64<<10)} // a dump comes in parts of 32 KiB at most
-	n.bc = appendBytecode(n.bc[:0], 1, nil, false)         // LISTEN only: skip the established table
-	if err := n.dump(1<<tcpListen, 0, func([]byte) {}); err != nil {
+	if _, err := n.listeners(1); err != nil {
 		n.close()
 		return nil, err
 	}
@@ -114,10 +111,7 @@ func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	err := n.dump(1<<tcpListen, 0, func(msg []byte) {
 		inodes = append(inodes, uint64(binary.NativeEndian.Uint32(msg[inetDiagInodeOff:])))
 	})
-	if err != nil {
-		return nil, err
-	}
-	return inodes, nil
+	return inodes, err
 }
 
 // dump calls fn with each inet_diag_msg (and attributes) of the IPv4, then
@@ -187,8 +181,7 @@ func appendBytecode(b []byte, port uint16, peers []netip.Prefix, inPeers bool) [
 	b = appendOp(b, 0, 0, port)
 	for i, p := range peers {
 		size := hostcondOpLen(p)
-		// Not in p: on to the next test, or past the last to the end (accept;
-		// with inPeers, 4 past it: reject).
+		// Not in p: on to the next test; past the last, accept (inPeers: reject).
 		b = appendHostcond(b, p, uint8(size), uint16(size+4))
 		if inPeers && i == len(peers)-1 {
 			break // in p: "yes" lands on the end, accepted
