@@ -199,12 +199,11 @@ func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
 	local, rest := nextField(rest)
 	remote, rest := nextField(rest)
 	state, rest := nextField(rest)
-	if _, ok := number(bytes.TrimSuffix(sl, []byte(":")), 10); !ok || !bytes.HasSuffix(sl, []byte(":")) {
-		return tableRow{}, nil, false
-	}
-	_, localPort, ok1 := splitAddrPort(local)
-	remoteAddr, _, ok2 := splitAddrPort(remote)
-	if _, ok3 := number(state, 16); !ok1 || !ok2 || !ok3 || len(state) != 2 {
+	_, okSl := number(bytes.TrimSuffix(sl, []byte(":")), 10)
+	_, localPort, okLocal := splitAddrPort(local)
+	remoteAddr, _, okRemote := splitAddrPort(remote)
+	_, okState := number(state, 16)
+	if !okSl || !bytes.HasSuffix(sl, []byte(":")) || !okLocal || !okRemote || !okState || len(state) != 2 {
 		return tableRow{}, nil, false
 	}
 	row = tableRow{remoteAddr: remoteAddr, state: state}
@@ -246,7 +245,6 @@ func procAddr(hex []byte) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-// nextField returns the first space-separated field of s and the rest.
 func nextField(s []byte) (field, rest []byte) {
 	s = bytes.TrimLeft(s, " ")
 	if i := bytes.IndexByte(s, ' '); i >= 0 {
@@ -255,7 +253,6 @@ func nextField(s []byte) (field, rest []byte) {
 	return s, nil
 }
 
-// hexPort is port as the tables print it.
 func hexPort(port uint16) [4]byte {
 	const digits = "0123456789ABCDEF"
 	return [4]byte{digits[port>>12], digits[port>>8&0xF], digits[port>>4&0xF], digits[port&0xF]}
