@@ -243,8 +243,7 @@ func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	return 0, false
 }
 
-// parseDiagReply walks one datagram, done at NLMSG_DONE or NLMSG_ERROR,
-// skipping an older sequence number's messages (a dump cut short).
+// parseDiagReply walks one datagram, done at NLMSG_DONE or NLMSG_ERROR.
 func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err error) {
 	le := binary.NativeEndian
 	for len(b) > 0 {
@@ -257,21 +256,19 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 		}
 		body := b[nlmsgHdrLen:size]
 		b = b[min(len(b), int(size+3)&^3):]
-		if msgSeq != seq {
-			continue
-		}
-		switch typ {
-		case syscall.NLMSG_DONE:
+		switch {
+		case msgSeq != seq: // left over from a dump cut short
+		case typ == syscall.NLMSG_DONE:
 			if len(body) >= 4 && int32(le.Uint32(body)) < 0 {
 				return true, fmt.Errorf("netlink sock_diag dump: %w", syscall.Errno(-int32(le.Uint32(body))))
 			}
 			return true, nil
-		case syscall.NLMSG_ERROR:
+		case typ == syscall.NLMSG_ERROR:
 			if len(body) < 4 {
 				return true, errNetlinkMalformed
 			}
 			return true, fmt.Errorf("netlink sock_diag: %w", syscall.Errno(-int32(le.Uint32(body))))
-		case sockDiagByFamily:
+		case typ == sockDiagByFamily:
 			if len(body) < inetDiagMsgLen {
 				return true, errNetlinkMalformed
 			}
@@ -310,11 +307,7 @@ func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 		return nil, fmt.Errorf("sock_diag events: joining the destroy groups: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), "sock_diag destroy events")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("sock_diag events: %w", err)
-	}
+	rc, _ := f.SyscallConn() // fails only for a nil *os.File
 	return &destroyEvents{f: f, rc: rc}, nil
 }
 
