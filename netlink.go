@@ -77,11 +77,10 @@ func (n *netlinkSource) name() string { return "netlink" }
 
 func (n *netlinkSource) close() { syscall.Close(n.fd) }
 
-// established counts ESTABLISHED sockets on port; the kernel leaves out the
-// excluded peers, which a second dump counts for the log.
+// established counts ESTABLISHED sockets on port; a second dump counts the excluded peers.
 func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
 	var t tally
-	var ext uint8
+	var ext uint8 // asks for tcp_info
 	if ex.idle > 0 {
 		ext = 1 << (inetDiagInfo - 1)
 	}
@@ -114,8 +113,7 @@ func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	return inodes, err
 }
 
-// dump calls fn with each inet_diag_msg (and attributes) of the IPv4, then
-// IPv6, TCP sockets in states that pass n.bc.
+// dump calls fn with each inet_diag_msg (and attributes) of IPv4 and IPv6 sockets passing n.bc.
 func (n *netlinkSource) dump(states uint32, ext uint8, fn func(msg []byte)) error {
 	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
 		n.seq++
@@ -284,8 +282,7 @@ type destroyEvents struct {
 	rc syscall.RawConn
 }
 
-// subscribeDestroyEvents joins both destroy groups through a filter keeping
-// port's events, so churn on other ports never fills the socket's buffer.
+// subscribeDestroyEvents keeps only port's events: churn elsewhere must not fill the buffer.
 func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, netlinkSockDiag)
 	if err != nil {
@@ -313,8 +310,7 @@ func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 
 func (e *destroyEvents) close() { e.f.Close() }
 
-// watchDestroys wakes when a socket on port is destroyed until stop; failed is
-// told if the watch ends otherwise (the stopper then polls only).
+// watchDestroys wakes when a socket on port ends; failed hears if the watch ends before stop.
 func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop func(), err error) {
 	e, err := subscribeDestroyEvents(port)
 	if err != nil {
