@@ -1,8 +1,6 @@
-// exclusions.go says which connections on the app's port are not calls: those
-// from a peer in an --ignore-peer network (a metrics scraper, a mesh proxy's
-// pool, a health checker) and those on which no data has moved for
-// --ignore-idle. A count is a tally of the calls and of what was left out,
-// so that the stopper's log can say why a connection was not waited for.
+// exclusions.go says which connections on the app's port are not calls (peers in
+// an --ignore-peer network, connections idle for --ignore-idle) and holds the
+// counting flags that proxy, stopper and count share.
 
 package main
 
@@ -15,33 +13,24 @@ import (
 	"time"
 )
 
-// tally is one count of the app's port.
-type tally struct {
-	calls        int // ESTABLISHED connections that are calls
-	excludedPeer int // left out: the remote address is in an --ignore-peer network
-	excludedIdle int // left out: no data either way for --ignore-idle
-}
+// tally is one count of the app's port: the calls and, for the log, what was left out.
+type tally struct{ calls, excludedPeer, excludedIdle int }
 
-// exclusions are the connections that are not calls.
 type exclusions struct {
-	peers []netip.Prefix // an IPv4 network also matches IPv4-mapped IPv6 remotes
-	idle  time.Duration  // 0: idleness excludes nothing
+	peers []netip.Prefix
+	idle  time.Duration // 0: idleness excludes nothing
 }
 
-// excludesPeer reports whether remote is inside one of the peer networks.
-// An IPv4 client of a dual-stack listener has a remote like ::ffff:10.1.2.3,
-// which an IPv4 network must match, as the kernel's filter does.
+// excludesPeer: an IPv4 network also matches IPv4-mapped remotes, as the kernel's filter does.
 func (e exclusions) excludesPeer(remote netip.Addr) bool {
-	unmapped := remote.Unmap()
 	for _, p := range e.peers {
-		if p.Contains(remote) || p.Contains(unmapped) {
+		if p.Contains(remote) || p.Contains(remote.Unmap()) {
 			return true
 		}
 	}
 	return false
 }
 
-// String is what the stopper logs at start.
 func (e exclusions) String() string {
 	if len(e.peers) == 0 && e.idle == 0 {
 		return "none: every ESTABLISHED connection is a call"
@@ -56,16 +45,12 @@ func (e exclusions) String() string {
 	return strings.Join(parts, ", ")
 }
 
-// maxPeers keeps the kernel's filter program small; a pod has a handful of
-// scrapers and proxies, not hundreds.
-const maxPeers = 32
+const (
+	maxPeers = 32          // keeps the kernel's filter program small
+	minIdle  = time.Second // below it, a call that merely paused would stop counting
+)
 
-// minIdle is the shortest --ignore-idle: below a second, a live call that
-// merely paused (a silent participant, a slow reader) would stop counting.
-const minIdle = time.Second
-
-// calls says what counts as a call; proxy, stopper and count share its flags,
-// so that /metrics and count show what the stopper waits for.
+// calls says what counts as a call, alike for /metrics, count and the stopper.
 type calls struct {
 	port    uint16
 	source  sourceFlag
@@ -88,8 +73,7 @@ func addCallFlags(fs *flag.FlagSet) *callFlags {
 	return f
 }
 
-// calls checks the flags together. Only sock_diag shows when data last moved,
-// so --ignore-idle makes auto mean netlink: one place decides it.
+// calls checks the flags together; --ignore-idle needs sock_diag, so auto means netlink.
 func (f *callFlags) calls(mode string) (calls, error) {
 	c := calls{port: uint16(f.port), source: f.source, exclude: exclusions{peers: f.peers, idle: f.idle.d}}
 	switch {
@@ -103,7 +87,6 @@ func (f *callFlags) calls(mode string) (calls, error) {
 	return c, nil
 }
 
-// peerList is --ignore-peer, which may be given many times.
 type peerList []netip.Prefix
 
 func (l peerList) String() string {
@@ -119,15 +102,13 @@ func (l *peerList) Set(s string) error {
 		return fmt.Errorf("at most %d networks", maxPeers)
 	}
 	p, err := parsePeer(s)
-	if err != nil {
-		return err
+	if err == nil {
+		*l = append(*l, p)
 	}
-	*l = append(*l, p)
-	return nil
+	return err
 }
 
-// parsePeer reads a CIDR such as 10.0.0.0/8 or fd00::/8; a bare address is
-// that one host.
+// parsePeer reads a CIDR such as 10.0.0.0/8 or fd00::/8, or one address.
 func parsePeer(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
@@ -140,14 +121,11 @@ func parsePeer(s string) (netip.Prefix, error) {
 	if p.Masked() != p {
 		return netip.Prefix{}, fmt.Errorf("has bits set past the /%d mask; did you mean %v?", p.Bits(), p.Masked())
 	}
-	// ::ffff:10.0.0.0/104 is how IPv6 writes the IPv4 network 10.0.0.0/8,
-	// and ::ffff:0:0/96 all of IPv4: read as IPv4, they match IPv4 sockets
-	// as well as IPv4-mapped remotes, and the second is refused below.
+	// ::ffff:10.0.0.0/104 is 10.0.0.0/8: read as IPv4, it matches IPv4 sockets too.
 	if p.Addr().Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
-	// A few wide networks can add up to all of IPv4 (0.0.0.0/1 and
-	// 128.0.0.0/1); one IPv6 network can hold every IPv4-mapped remote.
+	// A few wide networks add up to all of IPv4 (0.0.0.0/1, 128.0.0.0/1).
 	if p.Addr().Is4() && p.Bits() < 8 {
 		return netip.Prefix{}, errors.New("an IPv4 network wider than /8 leaves too few calls to wait for")
 	}

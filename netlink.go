@@ -1,10 +1,8 @@
 //go:build linux
 
-// netlink.go counts sockets through the kernel's sock_diag interface (the one
-// ss uses), which filters by state, port and peer in the kernel, and listens
-// for its TCP destroy events, which wake the stopper when a call ends. Like
-// /proc, a dump is no snapshot. Neither needs privilege in the pod's own
-// network namespace.
+// netlink.go counts sockets through sock_diag (as ss does), filtered by state,
+// port and peer in the kernel, and listens for its TCP destroy events, which
+// wake the stopper when a call ends. Neither needs privilege in the pod.
 
 package main
 
@@ -31,23 +29,17 @@ const (
 	inetDiagInfo        = 2  // INET_DIAG_INFO attribute: struct tcp_info
 	tcpEstablished      = 1
 	tcpListen           = 10
-
-	nlmsgHdrLen       = 16
-	inetDiagReqV2Len  = 56
-	inetDiagMsgLen    = 72
-	inetDiagRqueueOff = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
-	inetDiagInodeOff  = 68 // idiag_inode
-	portTestLen       = 16 // the two port tests that open every filter
-	hostcondLen       = 8  // struct inet_diag_hostcond before its address
-
-	inetDiagSportOff = 4 // idiag_sport, in network byte order
-
-	// In struct tcp_info: milliseconds since data was last sent, received.
-	tcpiLastDataSentOff = 44
+	nlmsgHdrLen         = 16
+	inetDiagReqV2Len    = 56
+	inetDiagMsgLen      = 72
+	inetDiagRqueueOff   = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
+	inetDiagInodeOff    = 68 // idiag_inode
+	inetDiagSportOff    = 4  // idiag_sport, in network byte order
+	portTestLen         = 16 // the two port tests that open every filter
+	hostcondLen         = 8  // struct inet_diag_hostcond before its address
+	tcpiLastDataSentOff = 44 // in struct tcp_info, in ms; then last_data_recv
 	tcpiLastDataRecvOff = 52
-
-	// sockaddr_nl.nl_groups bits (1<<(N-1) joins group N) for
-	// SKNLGRP_INET_TCP_DESTROY (1) and SKNLGRP_INET6_TCP_DESTROY (3).
+	// nl_groups bits: SKNLGRP_INET_TCP_DESTROY (1), SKNLGRP_INET6_TCP_DESTROY (3).
 	tcpDestroyGroups = 1<<0 | 1<<2
 )
 
@@ -61,23 +53,20 @@ type netlinkSource struct {
 	buf []byte
 }
 
-// newNetlinkSource opens the socket and makes one dump, so that a kernel or
-// sandbox that refuses sock_diag is found out here, not mid-drain.
+// newNetlinkSource opens the socket and makes one dump (of listeners: small),
+// so that a kernel or sandbox that refuses sock_diag is found out here.
 func newNetlinkSource() (*netlinkSource, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC, netlinkSockDiag)
 	if err != nil {
 		return nil, fmt.Errorf("netlink sock_diag socket: %w", err)
 	}
-	// A reply that never comes must not hang the stopper.
-	tv := syscall.Timeval{Sec: 5}
+	tv := syscall.Timeval{Sec: 5} // a reply that never comes must not hang the stopper
 	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
 		syscall.Close(fd)
 		return nil, fmt.Errorf("netlink sock_diag socket: %w", err)
 	}
 	n := &netlinkSource{fd: fd, buf: make([]byte, 64<<10)} // a dump comes in parts of 32 KiB at most
-	// LISTEN only: the probe skips the established table, whatever its size.
-	n.bc = appendBytecode(n.bc[:0], 1, nil, false)
-	if err := n.dump(syscall.AF_INET, 1<<tcpListen, 0, func([]byte) {}); err != nil {
+	if _, err := n.listeners(1); err != nil {
 		n.close()
 		return nil, err
 	}
@@ -88,12 +77,10 @@ func (n *netlinkSource) name() string { return "netlink" }
 
 func (n *netlinkSource) close() { syscall.Close(n.fd) }
 
-// established counts ESTABLISHED sockets on port, IPv4 and IPv6. The kernel
-// leaves out the excluded peers; a second dump of only them counts them for
-// the log. For --ignore-idle the kernel adds each socket's tcp_info.
+// established counts ESTABLISHED sockets on port; a second dump counts the excluded peers.
 func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
 	var t tally
-	var ext uint8
+	var ext uint8 // asks for tcp_info
 	if ex.idle > 0 {
 		ext = 1 << (inetDiagInfo - 1)
 	}
@@ -104,61 +91,53 @@ func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
 		}
 		t.calls++
 	}
-	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
-		n.bc = appendBytecode(n.bc[:0], port, ex.peers, false)
-		if err := n.dump(family, 1<<tcpEstablished, ext, countCall); err != nil {
-			return tally{}, err
-		}
-		if len(ex.peers) == 0 {
-			continue
-		}
+	n.bc = appendBytecode(n.bc[:0], port, ex.peers, false)
+	if err := n.dump(1<<tcpEstablished, ext, countCall); err != nil {
+		return tally{}, err
+	}
+	if len(ex.peers) > 0 {
 		n.bc = appendBytecode(n.bc[:0], port, ex.peers, true)
-		err := n.dump(family, 1<<tcpEstablished, 0, func([]byte) { t.excludedPeer++ })
-		if err != nil {
+		if err := n.dump(1<<tcpEstablished, 0, func([]byte) { t.excludedPeer++ }); err != nil {
 			return tally{}, err
 		}
 	}
 	return t, nil
 }
 
-// listeners returns the inodes of LISTEN sockets on port.
 func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
 	var inodes []uint64
-	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
-		n.bc = appendBytecode(n.bc[:0], port, nil, false)
-		err := n.dump(family, 1<<tcpListen, 0, func(msg []byte) {
-			inodes = append(inodes, uint64(binary.NativeEndian.Uint32(msg[inetDiagInodeOff:])))
-		})
-		if err != nil {
-			return nil, err
-		}
-	}
-	return inodes, nil
+	n.bc = appendBytecode(n.bc[:0], port, nil, false)
+	err := n.dump(1<<tcpListen, 0, func(msg []byte) {
+		inodes = append(inodes, uint64(binary.NativeEndian.Uint32(msg[inetDiagInodeOff:])))
+	})
+	return inodes, err
 }
 
-// dump calls fn with each inet_diag_msg (and its attributes) of the family's
-// TCP sockets in states that pass the filter program n.bc.
-func (n *netlinkSource) dump(family uint8, states uint32, ext uint8, fn func(msg []byte)) error {
-	n.seq++
-	n.buildRequest(family, states, ext)
-	if _, err := syscall.Write(n.fd, n.req); err != nil {
-		return fmt.Errorf("netlink sock_diag request: %w", err)
-	}
-	for {
-		// MSG_TRUNC: a reply larger than the buffer is reported, not cut.
-		size, _, err := syscall.Recvfrom(n.fd, n.buf, syscall.MSG_TRUNC)
-		switch {
-		case err == syscall.EINTR: // SO_RCVTIMEO stops the kernel restarting it
-			continue
-		case err != nil:
-			return fmt.Errorf("netlink sock_diag reply: %w", err)
-		case size > len(n.buf):
-			return fmt.Errorf("%w: a %d-byte reply", errNetlinkMalformed, size)
+// dump calls fn with each inet_diag_msg (and attributes) of IPv4 and IPv6 sockets passing n.bc.
+func (n *netlinkSource) dump(states uint32, ext uint8, fn func(msg []byte)) error {
+	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
+		n.seq++
+		n.buildRequest(family, states, ext)
+		if _, err := syscall.Write(n.fd, n.req); err != nil {
+			return fmt.Errorf("netlink sock_diag request: %w", err)
 		}
-		if done, err := parseDiagReply(n.buf[:size], n.seq, fn); done || err != nil {
-			return err
+		for done := false; !done; {
+			// MSG_TRUNC: a reply larger than the buffer is reported, not cut.
+			size, _, err := syscall.Recvfrom(n.fd, n.buf, syscall.MSG_TRUNC)
+			switch {
+			case err == syscall.EINTR: // SO_RCVTIMEO stops the kernel restarting it
+				continue
+			case err != nil:
+				return fmt.Errorf("netlink sock_diag reply: %w", err)
+			case size > len(n.buf):
+				return fmt.Errorf("%w: a %d-byte reply", errNetlinkMalformed, size)
+			}
+			if done, err = parseDiagReply(n.buf[:size], n.seq, fn); err != nil {
+				return err
+			}
 		}
 	}
+	return nil
 }
 
 // buildRequest fills n.req: nlmsghdr, inet_diag_req_v2, and n.bc.
@@ -179,15 +158,11 @@ func (n *netlinkSource) buildRequest(family uint8, states uint32, ext uint8) {
 	ne.PutUint16(a[2:], inetDiagReqBytecode)
 }
 
-// appendBytecode appends the kernel's filter program (net/ipv4/inet_diag.c,
-// inet_diag_bc_run): local port is port (S_EQ would need Linux 4.16, so
-// ">= port && <= port"), and the remote address in none of peers, or, with
-// inPeers, in one of them.
-//
-// Each op is {code, yes, no}: the kernel moves on by "yes" bytes when the
-// test holds, else by "no". Landing exactly on the end accepts the socket;
-// landing 4 bytes past it rejects. JMP always takes "no". A D_COND with an
-// IPv4 prefix also matches IPv4-mapped remotes of IPv6 sockets.
+// appendBytecode appends the filter (inet_diag_bc_run): local port is port
+// (">= && <=": S_EQ needs Linux 4.16), remote in none of peers (inPeers: in one).
+// Each op is {code, yes, no}: the kernel moves on by "yes" bytes when the test
+// holds, else by "no"; landing on the end accepts, 4 bytes past it rejects.
+// JMP always takes "no". An IPv4 D_COND also matches IPv4-mapped remotes.
 func appendBytecode(b []byte, port uint16, peers []netip.Prefix, inPeers bool) []byte {
 	total := portTestLen
 	for _, p := range peers {
@@ -204,8 +179,7 @@ func appendBytecode(b []byte, port uint16, peers []netip.Prefix, inPeers bool) [
 	b = appendOp(b, 0, 0, port)
 	for i, p := range peers {
 		size := hostcondOpLen(p)
-		// Not in p: skip the JMP, on to the next test (or, after the
-		// last one, to the end: accept, or 4 past it with inPeers: reject).
+		// Not in p: on to the next test; past the last, accept (inPeers: reject).
 		b = appendHostcond(b, p, uint8(size), uint16(size+4))
 		if inPeers && i == len(peers)-1 {
 			break // in p: "yes" lands on the end, accepted
@@ -226,7 +200,7 @@ func appendOp(b []byte, code, yes uint8, no uint16) []byte {
 	return b
 }
 
-// hostcondOpLen is a D_COND op: the op, struct inet_diag_hostcond, the address.
+// hostcondOpLen: the op, struct inet_diag_hostcond, the address.
 func hostcondOpLen(p netip.Prefix) int { return 4 + hostcondLen + p.Addr().BitLen()/8 }
 
 // appendHostcond appends a D_COND op: the remote address in p, any port.
@@ -240,11 +214,9 @@ func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
 	return append(b, p.Addr().AsSlice()...)                              // network byte order
 }
 
-// idleTime is how long no data has moved either way on the socket of msg,
-// from its tcp_info; ok is false without one. Bytes queued either way make it
-// 0: to a caller whose window is zero the kernel sends only probes, and no
-// data moves while the app still sends. Not tcpi_last_ack_recv: the ACKs of
-// keep-alive probes renew it.
+// idleTime is how long no data moved either way, from tcp_info; ok is false
+// without one. Queued bytes make it 0 (to a zero window only probes go out).
+// Not tcpi_last_ack_recv: keep-alive probes' ACKs renew it.
 func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	ne := binary.NativeEndian
 	if ne.Uint32(msg[inetDiagRqueueOff:]) > 0 || ne.Uint32(msg[inetDiagRqueueOff+4:]) > 0 {
@@ -270,7 +242,6 @@ func idleTime(msg []byte) (idle time.Duration, ok bool) {
 }
 
 // parseDiagReply walks one datagram, done at NLMSG_DONE or NLMSG_ERROR.
-// Messages of an older sequence number (a dump cut short) are skipped.
 func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err error) {
 	le := binary.NativeEndian
 	for len(b) > 0 {
@@ -283,21 +254,19 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 		}
 		body := b[nlmsgHdrLen:size]
 		b = b[min(len(b), int(size+3)&^3):]
-		if msgSeq != seq {
-			continue
-		}
-		switch typ {
-		case syscall.NLMSG_DONE:
+		switch {
+		case msgSeq != seq: // left over from a dump cut short
+		case typ == syscall.NLMSG_DONE:
 			if len(body) >= 4 && int32(le.Uint32(body)) < 0 {
 				return true, fmt.Errorf("netlink sock_diag dump: %w", syscall.Errno(-int32(le.Uint32(body))))
 			}
 			return true, nil
-		case syscall.NLMSG_ERROR:
+		case typ == syscall.NLMSG_ERROR:
 			if len(body) < 4 {
 				return true, errNetlinkMalformed
 			}
 			return true, fmt.Errorf("netlink sock_diag: %w", syscall.Errno(-int32(le.Uint32(body))))
-		case sockDiagByFamily:
+		case typ == sockDiagByFamily:
 			if len(body) < inetDiagMsgLen {
 				return true, errNetlinkMalformed
 			}
@@ -307,23 +276,19 @@ func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err e
 	return false, nil
 }
 
-// destroyEvents is a subscription to the destroy groups, read through Go's
-// poller so that close ends a pending read.
+// destroyEvents is read through Go's poller, so that close ends a pending read.
 type destroyEvents struct {
 	f  *os.File
 	rc syscall.RawConn
 }
 
-// subscribeDestroyEvents joins both destroy groups through a socket filter
-// that keeps only the events of port, so that churn on the pod's other ports
-// never fills the socket's buffer.
+// subscribeDestroyEvents keeps only port's events: churn elsewhere must not fill the buffer.
 func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, netlinkSockDiag)
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag events socket: %w", err)
 	}
-	// The kernel sends each event in a packet of its own, nlmsghdr then
-	// inet_diag_msg: the filter loads idiag_sport from a fixed offset.
+	// Each event comes alone, nlmsghdr then inet_diag_msg: sport is at a fixed offset.
 	filter := []syscall.SockFilter{
 		{Code: syscall.BPF_LD | syscall.BPF_H | syscall.BPF_ABS, K: nlmsgHdrLen + inetDiagSportOff},
 		{Code: syscall.BPF_JMP | syscall.BPF_JEQ | syscall.BPF_K, Jf: 1, K: uint32(port)},
@@ -339,19 +304,13 @@ func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 		return nil, fmt.Errorf("sock_diag events: joining the destroy groups: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), "sock_diag destroy events")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("sock_diag events: %w", err)
-	}
+	rc, _ := f.SyscallConn() // fails only for a nil *os.File
 	return &destroyEvents{f: f, rc: rc}, nil
 }
 
 func (e *destroyEvents) close() { e.f.Close() }
 
-// watchDestroys watches in the background: wake gets a value when a socket
-// on port was destroyed, stop ends the watch, and failed is told if it ends
-// for another reason (the stopper then polls only).
+// watchDestroys wakes when a socket on port ends; failed hears if the watch ends before stop.
 func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop func(), err error) {
 	e, err := subscribeDestroyEvents(port)
 	if err != nil {
@@ -367,9 +326,8 @@ func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop 
 	return ch, func() { stopped.Store(true); e.close() }, nil
 }
 
-// watch sends on wake, without blocking, for each event from the kernel
-// (nl_pid 0: any process in the pod may send to this socket), and when the
-// kernel dropped events for want of room (ENOBUFS: one may have been ours).
+// watch wakes, without blocking, on each event from the kernel (nl_pid 0:
+// anyone in the pod may send here) and on ENOBUFS (a dropped event may be ours).
 func (e *destroyEvents) watch(wake chan<- struct{}) error {
 	buf := make([]byte, 64<<10)
 	for {

@@ -22,13 +22,11 @@ type socketSource interface {
 	listeners(port uint16) ([]uint64, error)
 }
 
-// errLinuxOnly is what counting answers elsewhere: the package builds on
-// any system so that its portable tests run on a developer's machine.
+// errLinuxOnly: the package builds anywhere so that its portable tests run.
 var errLinuxOnly = errors.New("wsdrain runs on Linux: it counts connections through netlink sock_diag or /proc/net/tcp")
 
-// openSource opens the source c names; auto is netlink unless the kernel or
-// a sandbox (gVisor, a seccomp profile) refuses it, and then warn is told
-// why /proc is used instead.
+// openSource opens the source c names; auto falls back to /proc, telling warn
+// why, when the kernel or a sandbox (gVisor, seccomp) refuses netlink.
 func openSource(c calls, warn func(msg string, err error)) (socketSource, error) {
 	if runtime.GOOS != "linux" {
 		return nil, errLinuxOnly
@@ -47,7 +45,6 @@ func openSource(c calls, warn func(msg string, err error)) (socketSource, error)
 	return newProcSource(), nil
 }
 
-// sourceFlag is --source: auto, netlink or proc.
 type sourceFlag string
 
 func (s *sourceFlag) String() string { return string(*s) }
@@ -66,12 +63,10 @@ const (
 	stateListen      = "0A"
 )
 
-// procTables are read in this order; a kernel built without IPv6 has no tcp6.
 var procTables = []string{"/proc/net/tcp", "/proc/net/tcp6"}
 
-// procSource reads the tables through one reusable buffer: the stopper
-// counts every second on pods with tens of thousands of connections, so no
-// line may cost an allocation.
+// procSource reads the tables through one reusable buffer: no line may cost
+// an allocation, as the stopper counts often on pods with many connections.
 type procSource struct {
 	paths []string
 	br    *bufio.Reader
@@ -86,12 +81,9 @@ func newProcSource(paths ...string) *procSource {
 
 func (p *procSource) name() string { return "proc" }
 
-// established counts ESTABLISHED sockets whose local port is port, leaving
-// out the peers in ex. Idleness it cannot see: callFlags.calls never picks
-// /proc with --ignore-idle.
-func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
-	var t tally
-	err := p.eachTable(func(r io.Reader) error {
+// established cannot see idleness: callFlags.calls never picks /proc with --ignore-idle.
+func (p *procSource) established(port uint16, ex exclusions) (t tally, err error) {
+	err = p.eachTable(func(r io.Reader) error {
 		c, err := p.countEstablished(r, port, ex)
 		t.calls, t.excludedPeer = t.calls+c.calls, t.excludedPeer+c.excludedPeer
 		return err
@@ -102,7 +94,6 @@ func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
 	return t, nil
 }
 
-// listeners returns the inodes of LISTEN sockets on port.
 func (p *procSource) listeners(port uint16) (inodes []uint64, err error) {
 	err = p.eachTable(func(r io.Reader) error {
 		inodes, err = p.listenInodes(r, port, inodes)
@@ -111,7 +102,7 @@ func (p *procSource) listeners(port uint16) (inodes []uint64, err error) {
 	return inodes, err
 }
 
-// eachTable reads every table in turn; only tcp6 may be missing.
+// eachTable reads every table in turn; only tcp6 may be missing (a kernel without IPv6).
 func (p *procSource) eachTable(fn func(r io.Reader) error) error {
 	for i, path := range p.paths {
 		f, err := os.Open(path)
@@ -130,9 +121,8 @@ func (p *procSource) eachTable(fn func(r io.Reader) error) error {
 	return nil
 }
 
-// countEstablished tallies the ESTABLISHED rows of one table on port. Only
-// the local side counts: inside the pod both ends of a loopback connection
-// are listed, and the client end has port as its remote.
+// countEstablished tallies one table's ESTABLISHED rows whose local port is
+// port: a loopback client in the pod has port as its remote, and is no call.
 func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (tally, error) {
 	var t tally
 	err := p.eachRow(r, port, func(row tableRow) {
@@ -150,7 +140,6 @@ func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (
 	return t, nil
 }
 
-// listenInodes appends the inodes of one table's LISTEN rows on port.
 func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]uint64, error) {
 	err := p.eachRow(r, port, func(row tableRow) {
 		if string(row.state) == stateListen {
@@ -162,15 +151,12 @@ func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]
 
 // tableRow is what wsdrain needs of a line; the slices alias the buffer.
 type tableRow struct {
-	remoteAddr []byte // hex, as procAddr reads it
-	state      []byte
-	inode      uint64 // LISTEN rows only
+	remoteAddr, state []byte
+	inode             uint64 // LISTEN rows only
 }
 
-// eachRow checks the header and calls fn for every row on port. Any line it
-// cannot parse fails the whole table: a count read from a damaged table must
-// be "unknown", never a number that could be zero. A last line with no
-// newline was cut short, which the kernel never does.
+// eachRow calls fn for every row on port. A line it cannot parse (or one cut
+// short) fails the whole table: a damaged count is unknown, never zero.
 func (p *procSource) eachRow(r io.Reader, port uint16, fn func(tableRow)) error {
 	p.br.Reset(r)
 	defer p.br.Reset(nil)
@@ -207,19 +193,17 @@ func (p *procSource) eachRow(r io.Reader, port uint16, fn func(tableRow)) error 
 var errMalformed = errors.New("malformed table")
 
 // parseRow splits "sl local rem st tx:rx tr:when retrnsmt uid timeout inode …"
-// by runs of spaces, not by column: the sl column widens past 9999 rows. A
-// LISTEN row is read on to its inode, the tenth field.
+// by runs of spaces, not by column: the sl column widens past 9999 rows.
 func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
 	sl, rest := nextField(line)
 	local, rest := nextField(rest)
 	remote, rest := nextField(rest)
 	state, rest := nextField(rest)
-	if _, ok := number(bytes.TrimSuffix(sl, []byte(":")), 10); !ok || !bytes.HasSuffix(sl, []byte(":")) {
-		return tableRow{}, nil, false
-	}
-	_, localPort, ok1 := splitAddrPort(local)
-	remoteAddr, _, ok2 := splitAddrPort(remote)
-	if _, ok3 := number(state, 16); !ok1 || !ok2 || !ok3 || len(state) != 2 {
+	_, okSl := number(bytes.TrimSuffix(sl, []byte(":")), 10)
+	_, localPort, okLocal := splitAddrPort(local)
+	remoteAddr, _, okRemote := splitAddrPort(remote)
+	_, okState := number(state, 16)
+	if !okSl || !bytes.HasSuffix(sl, []byte(":")) || !okLocal || !okRemote || !okState || len(state) != 2 {
 		return tableRow{}, nil, false
 	}
 	row = tableRow{remoteAddr: remoteAddr, state: state}
@@ -241,17 +225,14 @@ func splitAddrPort(field []byte) (addr, port []byte, ok bool) {
 	if addrLen != 8 && addrLen != 32 || field[addrLen] != ':' {
 		return nil, nil, false
 	}
-	_, okAddr := number(field[:addrLen], 16)
-	_, okPort := number(field[addrLen+1:], 16)
-	if !okAddr || !okPort {
-		return nil, nil, false
-	}
-	return field[:addrLen], field[addrLen+1:], true
+	addr, port = field[:addrLen], field[addrLen+1:]
+	_, okAddr := number(addr, 16)
+	_, okPort := number(port, 16)
+	return addr, port, okAddr && okPort
 }
 
-// procAddr decodes an address that splitAddrPort checked. The kernel prints
-// each 32-bit word of it as a number in host byte order, so each word goes
-// back into memory the same way to give the bytes in network order.
+// procAddr decodes a checked address. The kernel prints each 32-bit word in
+// host byte order; storing it back the same way gives network order.
 func procAddr(hex []byte) netip.Addr {
 	var b [16]byte
 	for i := 0; i < len(hex)/8; i++ {
@@ -264,27 +245,21 @@ func procAddr(hex []byte) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-// nextField returns the first space-separated field of s and what follows it.
 func nextField(s []byte) (field, rest []byte) {
-	i := 0
-	for i < len(s) && s[i] == ' ' {
-		i++
+	s = bytes.TrimLeft(s, " ")
+	if i := bytes.IndexByte(s, ' '); i >= 0 {
+		return s[:i], s[i:]
 	}
-	j := i
-	for j < len(s) && s[j] != ' ' {
-		j++
-	}
-	return s[i:j], s[j:]
+	return s, nil
 }
 
-// hexPort is port as the tables print it: four upper-case hex digits.
 func hexPort(port uint16) [4]byte {
 	const digits = "0123456789ABCDEF"
 	return [4]byte{digits[port>>12], digits[port>>8&0xF], digits[port>>4&0xF], digits[port&0xF]}
 }
 
-// number reads b as digits of base 10 or 16, upper case as the kernel prints
-// them; ok is false for anything else, or for nothing.
+// number reads b as digits of base 10 or 16 (upper case, as the kernel
+// prints them); ok is false for anything else, or for nothing.
 func number(b []byte, base uint64) (n uint64, ok bool) {
 	for _, c := range b {
 		d := base
@@ -302,7 +277,6 @@ func number(b []byte, base uint64) (n uint64, ok bool) {
 	return n, len(b) > 0
 }
 
-// preview shortens a bad line for an error message.
 func preview(b []byte) string {
 	if len(b) > 80 {
 		return string(b[:80]) + "…"
