@@ -7,7 +7,6 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"strconv"
 	"syscall"
@@ -273,10 +272,27 @@ func TestIdleCountsCallsWithBytesQueued(t *testing.T) {
 	}
 	defer nl.close()
 	ln := listen(t)
-	_, sending := openCall(t, ln)
-	sending.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
-	if _, err := sending.Write(make([]byte, 64<<20)); !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("the caller's window never closed: %v", err)
+	// A caller that stopped reading, with a small receive buffer: the kernel
+	// would otherwise collapse its queue to make room, take in all the app
+	// sent, and leave the app's socket with nothing queued.
+	slow := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	c, err := slow.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sending, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); sending.Close() })
+	// Far more than the caller takes in, and less than the app's send
+	// buffer holds: the write returns at once and the rest stays queued.
+	sending.(*net.TCPConn).SetWriteBuffer(4 << 20)
+	sending.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if _, err := sending.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatalf("writing to the caller: %v", err)
 	}
 	caller, _ := openCall(t, ln)
 	if _, err := caller.Write(make([]byte, 1000)); err != nil {
