@@ -125,23 +125,44 @@ func TestOverlappingHooksSignalOnce(t *testing.T) {
 }
 
 // startTestApp runs the demo app on a free port and waits until it listens.
+// The port is free when chosen, not when the app binds it: another process
+// on the machine may take it in between, so a failed start is tried again.
 func startTestApp(t *testing.T, extra ...string) (*exec.Cmd, uint16) {
 	t.Helper()
-	port := uint16(mustPort(t, freeAddr(t)))
-	cmd := exec.Command(os.Args[0], append([]string{"--port", strconv.Itoa(int(port))}, extra...)...)
-	lines := runTestAppCmd(t, cmd)
-	go func() {
-		for lines.Scan() {
+	for try := 1; ; try++ {
+		port := uint16(mustPort(t, freeAddr(t)))
+		cmd := exec.Command(os.Args[0], append([]string{"--port", strconv.Itoa(int(port))}, extra...)...)
+		lines, err := startTestAppCmd(t, cmd)
+		if err != nil && try < 3 {
+			continue
 		}
-	}()
-	return cmd, port
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			for lines.Scan() {
+			}
+		}()
+		return cmd, port
+	}
 }
 
 // runTestAppCmd starts cmd as the demo app, kills it when the test ends, and
 // returns its output after the line that says it listens.
 func runTestAppCmd(t *testing.T, cmd *exec.Cmd) *bufio.Scanner {
 	t.Helper()
+	lines, err := startTestAppCmd(t, cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lines
+}
+
+func startTestAppCmd(t *testing.T, cmd *exec.Cmd) (*bufio.Scanner, error) {
+	t.Helper()
 	cmd.Env = append(os.Environ(), "WSDRAIN_TEST_ROLE=app")
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -152,9 +173,9 @@ func runTestAppCmd(t *testing.T, cmd *exec.Cmd) *bufio.Scanner {
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	lines := bufio.NewScanner(stdout)
 	if !lines.Scan() || !strings.Contains(lines.Text(), "listening") {
-		t.Fatalf("app did not start: %q %v", lines.Text(), lines.Err())
+		return nil, fmt.Errorf("app did not start: %q %v; stderr: %s", lines.Text(), lines.Err(), stderr.String())
 	}
-	return lines
+	return lines, nil
 }
 
 func mustPort(t *testing.T, addr string) int {
