@@ -1,5 +1,6 @@
-// procnet.go is where counts come from: it picks sock_diag (netlink.go) or
-// the kernel's TCP tables, /proc/net/tcp and tcp6, and reads the tables.
+// procnet.go says what a count is (the calls, and what is left out as no
+// call) and where counts come from: sock_diag (netlink.go) or the kernel's
+// TCP tables, /proc/net/tcp and tcp6, which it reads.
 
 package main
 
@@ -13,6 +14,8 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
+	"time"
 )
 
 // socketSource is where connection counts and listeners come from.
@@ -24,6 +27,38 @@ type socketSource interface {
 
 // errLinuxOnly: the package builds anywhere so that its portable tests run.
 var errLinuxOnly = errors.New("wsdrain runs on Linux: it counts connections through netlink sock_diag or /proc/net/tcp")
+
+// tally is one count of the app's port: the calls and, for the log, what was left out.
+type tally struct{ calls, excludedPeer, excludedIdle int }
+
+type exclusions struct {
+	peers []netip.Prefix
+	idle  time.Duration // 0: idleness excludes nothing
+}
+
+// excludesPeer: an IPv4 network also matches IPv4-mapped remotes, as the kernel's filter does.
+func (e exclusions) excludesPeer(remote netip.Addr) bool {
+	for _, p := range e.peers {
+		if p.Contains(remote) || p.Contains(remote.Unmap()) {
+			return true
+		}
+	}
+	return false
+}
+
+func (e exclusions) String() string {
+	if len(e.peers) == 0 && e.idle == 0 {
+		return "none: every ESTABLISHED connection is a call"
+	}
+	var parts []string
+	if len(e.peers) > 0 {
+		parts = append(parts, "peers in "+peerList(e.peers).String())
+	}
+	if e.idle > 0 {
+		parts = append(parts, "connections idle for "+e.idle.String())
+	}
+	return strings.Join(parts, ", ")
+}
 
 // openSource opens the source c names; auto falls back to /proc, telling warn
 // why, when the kernel or a sandbox (gVisor, seccomp) refuses netlink.

@@ -169,3 +169,36 @@ func TestCountEstablishedLeavesOutPeers(t *testing.T) {
 		})
 	}
 }
+
+func TestExcludesPeer(t *testing.T) {
+	ex := exclusions{peers: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}}
+	for addr, want := range map[string]bool{
+		"10.1.2.3":        true,
+		"::ffff:10.1.2.3": true, // an IPv4 client of a dual-stack listener
+		"fd12::1":         true,
+		"11.0.0.1":        false,
+		"::ffff:11.0.0.1": false,
+		"fe80::1":         false,
+		"::ffff:fd00:0:0": false,
+		"2001:db8::a00:1": false,
+	} {
+		if got := ex.excludesPeer(netip.MustParseAddr(addr)); got != want {
+			t.Errorf("excludesPeer(%s) = %v, want %v", addr, got, want)
+		}
+	}
+}
+
+func peerExclusions(networks ...string) exclusions {
+	var ex exclusions
+	for _, n := range networks {
+		ex.peers = append(ex.peers, netip.MustParsePrefix(n))
+	}
+	return ex
+}
+
+func callsOf(src socketSource, ex exclusions) func(uint16) (int, error) {
+	return func(port uint16) (int, error) {
+		t, err := src.established(port, ex)
+		return t.calls, err
+	}
+}
