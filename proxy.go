@@ -169,11 +169,21 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		state:          &drainState{},
 	}
 	p.health = &httputil.ReverseProxy{
-		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
+		// Every request goes to the one health URL, whatever its path, query
+		// or headers: the proxy can reach nothing else.
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			target := *cfg.healthURL
+			pr.Out.Method, pr.Out.URL, pr.Out.Host = http.MethodGet, &target, ""
+			pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
+			pr.Out.Body, pr.Out.ContentLength = nil, 0
+		},
 		Transport:      withoutTrace{transport},
 		ModifyResponse: p.passStatus,
-		ErrorHandler:   p.healthFailed,
-		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			p.noteHealth(-1, err)
+			http.Error(w, "app health check failed", http.StatusServiceUnavailable)
+		},
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
 	return p
 }
@@ -189,18 +199,6 @@ func newHealthTransport(timeout time.Duration) *http.Transport {
 		ResponseHeaderTimeout:  timeout,
 		MaxResponseHeaderBytes: 16 << 10,
 	}
-}
-
-// rewriteToHealth points every request at the one health URL, whatever its
-// path, query or headers: the proxy can reach nothing else.
-func rewriteToHealth(pr *httputil.ProxyRequest, health *url.URL) {
-	target := *health
-	pr.Out.Method = http.MethodGet
-	pr.Out.URL = &target
-	pr.Out.Host = ""
-	pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
-	pr.Out.Body = nil
-	pr.Out.ContentLength = 0
 }
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -263,11 +261,6 @@ func (c cancelOnly) Deadline() (time.Time, bool) { return c.parent.Deadline() }
 func (c cancelOnly) Done() <-chan struct{}       { return c.parent.Done() }
 func (c cancelOnly) Err() error                  { return c.parent.Err() }
 func (c cancelOnly) Value(any) any               { return nil }
-
-func (p *proxy) healthFailed(w http.ResponseWriter, r *http.Request, err error) {
-	p.noteHealth(-1, err)
-	http.Error(w, "app health check failed", http.StatusServiceUnavailable)
-}
 
 // noteHealth logs when the app's verdict changes, not on every probe.
 func (p *proxy) noteHealth(status int, err error) {
