@@ -132,7 +132,10 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress, logger)) }()
+	go func() {
+		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string]int{},
+			refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
+	}()
 	select {
 	case err := <-serveErr:
 		return err
@@ -143,10 +146,9 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 
 // proxy is the HTTP handler.
 type proxy struct {
-	health         *httputil.ReverseProxy
-	healthTimeout  time.Duration
-	drainStartWait time.Duration
-	log            *slog.Logger
+	cfg    proxyConfig
+	health *httputil.ReverseProxy
+	log    *slog.Logger
 
 	draining, released, stopping     chan struct{}
 	drainOnce, releaseOnce, stopOnce sync.Once
@@ -159,14 +161,13 @@ type proxy struct {
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
 	p := &proxy{
-		healthTimeout:  cfg.healthTimeout,
-		drainStartWait: cfg.drainStartWait,
-		log:            logger,
-		draining:       make(chan struct{}),
-		released:       make(chan struct{}),
-		stopping:       make(chan struct{}),
-		drainLog:       &quietLog{log: logger.Info, summary: "app preStop: more"},
-		state:          &drainState{},
+		cfg:      cfg,
+		log:      logger,
+		draining: make(chan struct{}),
+		released: make(chan struct{}),
+		stopping: make(chan struct{}),
+		drainLog: &quietLog{log: logger.Info, summary: "app preStop: more"},
+		state:    &drainState{},
 	}
 	p.health = &httputil.ReverseProxy{
 		// Every request goes to the one health URL, whatever its path, query
@@ -213,7 +214,7 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case p.isDraining():
 		http.Error(w, "draining", http.StatusServiceUnavailable)
 	default:
-		ctx, cancel := context.WithTimeout(r.Context(), p.healthTimeout)
+		ctx, cancel := context.WithTimeout(r.Context(), p.cfg.healthTimeout)
 		defer cancel()
 		p.health.ServeHTTP(w, r.WithContext(ctx))
 	}
@@ -327,8 +328,8 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 func (p *proxy) awaitRelease(ctx context.Context) string {
 	draining := p.draining
 	var noDrain <-chan time.Time
-	if p.drainStartWait > 0 {
-		t := time.NewTimer(p.drainStartWait)
+	if p.cfg.drainStartWait > 0 {
+		t := time.NewTimer(p.cfg.drainStartWait)
 		defer t.Stop()
 		noDrain = t.C
 	}
@@ -436,19 +437,13 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 
 // limitListener accepts every connection at once, so that the accept queue
 // never fills (the kubelet's client has no dial timeout), and closes those
-// beyond total, or beyond perAddress from one address.
+// beyond maxConns, or beyond maxConnsPerAddress from one address.
 type limitListener struct {
 	net.Listener
-	total, perAddress int
-	mu                sync.Mutex
-	open              map[string]int // open connections by remote address
-	n                 int
-	refused           *quietLog
-}
-
-func newLimitListener(ln net.Listener, total, perAddress int, log *slog.Logger) *limitListener {
-	refused := &quietLog{log: log.Warn, summary: "connections closed at once: more"}
-	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}, refused: refused}
+	mu      sync.Mutex
+	open    map[string]int // open connections by remote address
+	n       int
+	refused *quietLog
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -462,7 +457,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.add(addr, -1) })}, nil
 		}
 		l.refused.event("refused", "connection closed at once: over the limit", "remote", addr,
-			"per_address", l.perAddress, "total", l.total)
+			"per_address", maxConnsPerAddress, "total", maxConns)
 		c.Close()
 	}
 }
@@ -471,7 +466,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 func (l *limitListener) add(addr string, delta int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if delta > 0 && (l.n >= l.total || l.open[addr] >= l.perAddress) {
+	if delta > 0 && (l.n >= maxConns || l.open[addr] >= maxConnsPerAddress) {
 		return false
 	}
 	l.n += delta
