@@ -1,6 +1,5 @@
-// metrics.go serves GET /metrics on the proxy's port in the Prometheus text
-// format 0.0.4: the calls on the app's port now, counted at scrape time the
-// way the stopper counts them, whether the pod is draining, the app's last
+// metrics.go serves GET /metrics (Prometheus text format 0.0.4): the calls on
+// the app's port counted as the stopper counts them, the drain, the app's last
 // health verdict and the build. A scrape never asks the app anything.
 
 package main
@@ -14,19 +13,16 @@ import (
 	"time"
 )
 
-// countMaxAge is how old a count a scrape may be given. Counts run one at a
-// time and at most once per countMaxAge, and scrapes that arrive meanwhile
-// share the last one: at 50 000 connections a count costs about 60 ms of
-// CPU, so a flood of scrapes costs at most 6 % of a core instead of a count
-// each. A second is far finer than any scrape interval.
+// countMaxAge is how old a count a scrape may be given: counts run one at a
+// time and at most once per countMaxAge, so a flood of scrapes costs little.
 const countMaxAge = time.Second
 
 // metricsHandler answers GET /metrics; the proxy's state comes in as functions.
 type metricsHandler struct {
 	port       uint16
-	count      func() (tally, error) // the source's count: not safe to run concurrently
+	count      func() (tally, error) // not safe to run concurrently
 	draining   func() bool
-	lastHealth func() int64 // the last status the app answered, 0 before any, -1 for no answer
+	lastHealth func() int64 // 0 before any answer, -1 for no answer
 	now        func() time.Time
 	log        *slog.Logger
 
@@ -36,8 +32,8 @@ type metricsHandler struct {
 	at      time.Time // when last was counted
 }
 
-// newProxyMetrics counts through the source the flags pick. Where it cannot
-// be opened the proxy still serves probes, and /metrics leaves the count out.
+// newProxyMetrics counts through the source the flags pick; where it cannot
+// be opened, the proxy still serves probes and /metrics leaves the count out.
 func newProxyMetrics(cfg proxyConfig, p *proxy, log *slog.Logger) *metricsHandler {
 	m := &metricsHandler{port: cfg.port, draining: p.isDraining, lastHealth: p.lastHealth.Load, now: time.Now, log: log}
 	src, err := openSource(cfg.calls, func(msg string, err error) { log.Warn(msg, "err", err) })
@@ -63,9 +59,15 @@ func (m *metricsHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		gauge(&b, "wsdrain_connections", "Calls on the app's port now: ESTABLISHED connections less those that --ignore-peer and --ignore-idle leave out.",
 			fmt.Sprintf(`port="%d"`, m.port), t.calls)
 	}
-	gauge(&b, "wsdrain_draining", "1 once the stopper has begun the drain and readiness answers 503.", "", boolValue(m.draining()))
-	status := m.lastHealth()
-	gauge(&b, "wsdrain_app_healthy", "1 when the app's last health check answered 200-399; 0 before the first one.", "", boolValue(status >= 200 && status < 400))
+	draining, healthy := 0, 0
+	if m.draining() {
+		draining = 1
+	}
+	if status := m.lastHealth(); status >= 200 && status < 400 {
+		healthy = 1
+	}
+	gauge(&b, "wsdrain_draining", "1 once the stopper has begun the drain and readiness answers 503.", "", draining)
+	gauge(&b, "wsdrain_app_healthy", "1 when the app's last health check answered 200-399; 0 before the first one.", "", healthy)
 	gauge(&b, "wsdrain_build_info", "The wsdrain version, as the value of the version label.",
 		`version="`+labelEscaper.Replace(buildVersion())+`"`, 1)
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -73,9 +75,8 @@ func (m *metricsHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprint(w, b.String())
 }
 
-// calls is the last count if younger than countMaxAge, else a new one. A
-// failed count leaves wsdrain_connections out of the answer, as Prometheus
-// expects of a value that is not known; the failure is logged when it changes.
+// calls is the last count if younger than countMaxAge, else a new one; a
+// failure is logged when it changes.
 func (m *metricsHandler) calls() (tally, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -94,18 +95,9 @@ func (m *metricsHandler) calls() (tally, error) {
 func gauge(b *strings.Builder, name, help, labels string, value int) {
 	fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s gauge\n", name, help, name)
 	if labels != "" {
-		fmt.Fprintf(b, "%s{%s} %d\n", name, labels, value)
-		return
+		labels = "{" + labels + "}"
 	}
-	fmt.Fprintf(b, "%s %d\n", name, value)
+	fmt.Fprintf(b, "%s%s %d\n", name, labels, value)
 }
 
-// labelEscaper escapes a label value as the text format requires.
 var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
-
-func boolValue(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
-}

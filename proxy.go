@@ -1,8 +1,6 @@
-// proxy.go is the readiness proxy: it passes the app's health verdict on to
-// the kubelet until the stopper says the pod is draining, then answers 503 so
-// that no new call is routed to this pod. It also holds the app's preStop
-// (GET /drain) until the stopper is done: it has signalled the app or, in a
-// PID namespace of its own, seen the last call end or its --timeout.
+// proxy.go is the readiness proxy: it passes the app's health verdict to the
+// kubelet until the stopper says the pod is draining, then answers 503, and it
+// holds the app's preStop (GET /drain) until the stopper is done.
 
 package main
 
@@ -28,46 +26,25 @@ import (
 
 const proxyHelp = `usage: wsdrain proxy [flags]
 
-Answers the app container's readinessProbe with the verdict of --health-url
-(its status only, with its Content-Type and at most 4 KiB of its body), until
-the stopper writes "drain" to --fifo: from then on every answer is 503.
-GET /drain is the app's preStop: it answers only when the stopper is done, the
-proxy stops, or no drain began within --drain-start-wait. GET /metrics gives
-wsdrain_connections (counted as the stopper counts: give the proxy the
-stopper's --target-port and --ignore flags), wsdrain_draining,
-wsdrain_app_healthy and wsdrain_build_info. It serves at most 256
-connections, 32 from any one address, and closes the rest at once. The Go
-runtime keeps its memory under 24MiB unless GOMEMLIMIT is set. The drain's
-state is kept in wsdrain.state beside --fifo, for a proxy restarted mid-drain.
+Answers the readinessProbe with the status of --health-url until the stopper
+writes "drain" to --fifo, then 503. GET /drain (the app's preStop) answers once
+the stopper is done; GET /metrics serves the count and state. At most 256
+connections, 32 per address; the drain state is kept beside --fifo.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
 `
 
-// maxConns bounds the proxy's connections, and with them its memory (up to
-// about 40 KiB each, BENCHMARKS.md), far below the sidecar's limit. The
-// kubelet needs a few: a probe at a time and a GET /drain per hook run. No
-// address may hold more than maxConnsPerAddress, so a flood from one leaves
-// the node's address (the kubelet's) most of the room.
+// The connection limits bound the proxy's memory (BENCHMARKS.md); one address
+// cannot take the room the kubelet's probes and hooks need.
 const (
 	maxConns           = 256
 	maxConnsPerAddress = 32
 )
 
-// defaultMemoryLimit is the Go runtime's soft limit for the proxy, well
-// under the 64 MiB that k8s.yaml gives the sidecar, whose stopper (a hook)
-// runs in the same container. The connection limit is what bounds the live
-// memory; this makes the runtime collect garbage before it grows past it.
-// RSS peaks above it (runtime and binary): at 32 MiB, the end of a flood of
-// 3 000 connections took it to 37-41 MiB, at 24 MiB under 32 MiB.
+// defaultMemoryLimit keeps the runtime under the sidecar's 64 MiB limit
+// (k8s.yaml), which the stopper shares; GOMEMLIMIT overrides it.
 const defaultMemoryLimit = 24 << 20
-
-// limitMemory applies defaultMemoryLimit unless GOMEMLIMIT says otherwise.
-func limitMemory() {
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(defaultMemoryLimit)
-	}
-}
 
 type proxyConfig struct {
 	calls          // for /metrics
@@ -99,21 +76,14 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	if err != nil {
 		return proxyConfig{}, err
 	}
-	if err := checkListenAddr(*listen); err != nil {
-		return proxyConfig{}, err
+	_, port, err := net.SplitHostPort(*listen)
+	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --listen: want HOST:PORT or :PORT with a port from 1 to 65535", *listen)}
 	}
 	if *fifo == "" {
 		return proxyConfig{}, usageError{errors.New("proxy: flag --fifo must not be empty")}
 	}
 	return proxyConfig{calls: c, listen: *listen, healthURL: u, fifo: *fifo, healthTimeout: timeout.d, drainStartWait: startWait.d}, nil
-}
-
-func checkListenAddr(addr string) error {
-	_, port, err := net.SplitHostPort(addr)
-	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
-		return usageError{fmt.Errorf("proxy: invalid value %q for flag --listen: want HOST:PORT or :PORT with a port from 1 to 65535", addr)}
-	}
-	return nil
 }
 
 // runProxy serves until ctx is cancelled (SIGTERM), then releases any
@@ -123,7 +93,9 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	limitMemory()
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(defaultMemoryLimit)
+	}
 	out := &lockedWriter{w: stdout}
 	logger := slog.New(slog.NewTextHandler(out, nil))
 	if err := ensureFIFO(cfg.fifo); err != nil {
@@ -139,7 +111,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
-	p.resume(openDrainState(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"), logger))
+	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
 	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
@@ -152,17 +124,18 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		Handler:           p,
 		ReadHeaderTimeout: 2 * time.Second,
 		ReadTimeout:       5 * time.Second,
-		// Short, as the kubelet opens a connection per probe anyway: an idle
-		// one holds a slot of maxConns.
-		IdleTimeout:    5 * time.Second,
-		MaxHeaderBytes: 8 << 10,
-		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		IdleTimeout:       5 * time.Second, // an idle connection holds a slot of maxConns
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		// No WriteTimeout: GET /drain legitimately waits for minutes.
 	}
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(newLimitListener(ln, maxConns, maxConnsPerAddress, logger)) }()
+	go func() {
+		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string]int{},
+			refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
+	}()
 	select {
 	case err := <-serveErr:
 		return err
@@ -171,13 +144,11 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	return p.shutdown(srv)
 }
 
-// proxy is the HTTP handler; its drain state is also kept beside the pipe
-// (drainState), for a proxy restarted while the pod terminates.
+// proxy is the HTTP handler.
 type proxy struct {
-	health         *httputil.ReverseProxy
-	healthTimeout  time.Duration
-	drainStartWait time.Duration
-	log            *slog.Logger
+	cfg    proxyConfig
+	health *httputil.ReverseProxy
+	log    *slog.Logger
 
 	draining, released, stopping     chan struct{}
 	drainOnce, releaseOnce, stopOnce sync.Once
@@ -190,20 +161,30 @@ type proxy struct {
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
 	p := &proxy{
-		healthTimeout:  cfg.healthTimeout,
-		drainStartWait: cfg.drainStartWait,
-		log:            logger,
-		draining:       make(chan struct{}),
-		released:       make(chan struct{}),
-		stopping:       make(chan struct{}),
-		drainLog:       &quietLog{log: logger.Info, summary: "app preStop: more"},
+		cfg:      cfg,
+		log:      logger,
+		draining: make(chan struct{}),
+		released: make(chan struct{}),
+		stopping: make(chan struct{}),
+		drainLog: &quietLog{log: logger.Info, summary: "app preStop: more"},
+		state:    &drainState{},
 	}
 	p.health = &httputil.ReverseProxy{
-		Rewrite:        func(pr *httputil.ProxyRequest) { rewriteToHealth(pr, cfg.healthURL) },
+		// Every request goes to the one health URL, whatever its path, query
+		// or headers: the proxy can reach nothing else.
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			target := *cfg.healthURL
+			pr.Out.Method, pr.Out.URL, pr.Out.Host = http.MethodGet, &target, ""
+			pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
+			pr.Out.Body, pr.Out.ContentLength = nil, 0
+		},
 		Transport:      withoutTrace{transport},
 		ModifyResponse: p.passStatus,
-		ErrorHandler:   p.healthFailed,
-		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			p.noteHealth(-1, err)
+			http.Error(w, "app health check failed", http.StatusServiceUnavailable)
+		},
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
 	return p
 }
@@ -221,18 +202,6 @@ func newHealthTransport(timeout time.Duration) *http.Transport {
 	}
 }
 
-// rewriteToHealth points every request at the one health URL, whatever
-// its path, query or headers: the proxy can reach nothing else.
-func rewriteToHealth(pr *httputil.ProxyRequest, health *url.URL) {
-	target := *health
-	pr.Out.Method = http.MethodGet
-	pr.Out.URL = &target
-	pr.Out.Host = ""
-	pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
-	pr.Out.Body = nil
-	pr.Out.ContentLength = 0
-}
-
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.URL.Path == "/metrics" && p.metrics != nil:
@@ -245,7 +214,7 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case p.isDraining():
 		http.Error(w, "draining", http.StatusServiceUnavailable)
 	default:
-		ctx, cancel := context.WithTimeout(r.Context(), p.healthTimeout)
+		ctx, cancel := context.WithTimeout(r.Context(), p.cfg.healthTimeout)
 		defer cancel()
 		p.health.ServeHTTP(w, r.WithContext(ctx))
 	}
@@ -260,8 +229,8 @@ func (p *proxy) isDraining() bool {
 	}
 }
 
-// passStatus keeps the app's status and at most 4 KiB of its body, and
-// drops its headers: a Location header would send the kubelet elsewhere.
+// passStatus keeps the app's status, Content-Type and at most 4 KiB of its
+// body: any other header (a Location) could send the kubelet elsewhere.
 func (p *proxy) passStatus(resp *http.Response) error {
 	p.noteHealth(resp.StatusCode, nil)
 	contentType := resp.Header.Get("Content-Type")
@@ -278,28 +247,21 @@ func (p *proxy) passStatus(resp *http.Response) error {
 	return nil
 }
 
-// withoutTrace sends the request to the app on a context that keeps the
-// probe's deadline and cancellation but none of its values: ReverseProxy
-// puts a client trace there that would copy the app's 1xx responses, with
-// their headers, to the kubelet.
+// withoutTrace drops the probe's context values but keeps its deadline and
+// cancellation: ReverseProxy puts a client trace there that would copy the
+// app's 1xx responses, with their headers, to the kubelet.
 type withoutTrace struct{ http.RoundTripper }
 
 func (t withoutTrace) RoundTrip(r *http.Request) (*http.Response, error) {
 	return t.RoundTripper.RoundTrip(r.WithContext(cancelOnly{r.Context()}))
 }
 
-// cancelOnly is a context with its parent's deadline and cancellation only.
 type cancelOnly struct{ parent context.Context }
 
 func (c cancelOnly) Deadline() (time.Time, bool) { return c.parent.Deadline() }
 func (c cancelOnly) Done() <-chan struct{}       { return c.parent.Done() }
 func (c cancelOnly) Err() error                  { return c.parent.Err() }
 func (c cancelOnly) Value(any) any               { return nil }
-
-func (p *proxy) healthFailed(w http.ResponseWriter, r *http.Request, err error) {
-	p.noteHealth(-1, err)
-	http.Error(w, "app health check failed", http.StatusServiceUnavailable)
-}
 
 // noteHealth logs when the app's verdict changes, not on every probe.
 func (p *proxy) noteHealth(status int, err error) {
@@ -316,22 +278,18 @@ func (p *proxy) noteHealth(status int, err error) {
 	}
 }
 
-// waitForRelease is the app's preStop. It never starts anything, and never
-// answers for a reason of its own (the kubelet ends the hook on any answer):
-// only once the stopper is done with the app, the proxy stops, or no drain
-// began. A waiter costs one connection, which the listener bounds.
+// waitForRelease is the app's preStop. The kubelet ends the hook on any
+// answer, so it answers only once the stopper is done, the proxy stops, or no
+// drain began. A waiter costs one connection, which the listener bounds.
 func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	if r.ContentLength != 0 {
-		// Go notices a client's close only once the body is read: a waiter with
-		// a body would hold its connection after the client has gone.
+		// Go notices a client's close only once the body is read.
 		w.Header().Set("Connection", "close")
 		http.Error(w, "GET /drain takes no body", http.StatusBadRequest)
 		return
 	}
-	// Take the connection and watch it ourselves: once a byte of a next
-	// (pipelined) request has arrived, Go stops watching for the client's
-	// close, and a waiter whose client sent one byte more and left would
-	// hold its connection until the stopper is done.
+	// Go stops watching for the client's close once a byte of a pipelined
+	// request arrives: take the connection and watch it ourselves.
 	conn, _, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		http.Error(w, "cannot hold GET /drain on this connection", http.StatusInternalServerError)
@@ -339,15 +297,15 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	}
 	p.waiters.Add(1)
 	defer p.waiters.Done()
-	p.state.waiter(1)
-	defer p.state.waiter(-1)
+	p.updateState(func() { p.state.waiters++ })
+	defer p.updateState(func() { p.state.waiters-- })
 	defer conn.Close()
 	conn.SetDeadline(time.Time{})
 	gone, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
-		// The client may send nothing more: any end of its side, or more
-		// than a few bytes, means it no longer waits.
+		// Any end of the client's side, or more than a few bytes, means it no
+		// longer waits.
 		io.CopyN(io.Discard, conn, 4<<10)
 		cancel()
 	}()
@@ -370,8 +328,8 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 func (p *proxy) awaitRelease(ctx context.Context) string {
 	draining := p.draining
 	var noDrain <-chan time.Time
-	if p.drainStartWait > 0 {
-		t := time.NewTimer(p.drainStartWait)
+	if p.cfg.drainStartWait > 0 {
+		t := time.NewTimer(p.cfg.drainStartWait)
 		defer t.Stop()
 		noDrain = t.C
 	}
@@ -391,23 +349,32 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 	}
 }
 
-// pipeLinePrefix marks a line copied from the drain pipe in the proxy's
-// log, where the proxy's own lines begin with "time=": anyone who can write
-// the pipe can write such a line, not only the stopper.
+// pipeLinePrefix marks a line copied from the drain pipe, which anyone who can
+// write the pipe may write, apart from the proxy's own ("time=...").
 const pipeLinePrefix = "pipe: "
 
-// resume takes on the state an earlier proxy of this pod left: a proxy
-// restarted while the pod terminates (KEP-4438) answers 503 from its first
-// answer, and holds GET /drain until the stopper is done.
-func (p *proxy) resume(s *drainState, terminating, done bool) {
+// resume takes on the drain state an earlier proxy of this pod left (one
+// restarted while the pod terminates, KEP-4438): 503 from its first answer,
+// and GET /drain held until the stopper is done.
+func (p *proxy) resume(path string) {
+	s, err := openDrainState(path)
+	if err != nil {
+		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
+	}
 	p.state = s
-	if terminating {
+	if s.word != "" {
 		p.drainOnce.Do(func() { close(p.draining) })
 		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
 	}
-	if done {
+	if s.word == "done" {
 		p.releaseOnce.Do(func() { close(p.released) })
 		p.log.Info("the stopper was done with the app before this proxy started")
+	}
+}
+
+func (p *proxy) updateState(change func()) {
+	if err := p.state.update(change); err != nil {
+		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
 	}
 }
 
@@ -418,14 +385,14 @@ func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
 		drain: func() {
 			p.drainOnce.Do(func() {
 				close(p.draining)
-				p.state.drainBegun()
+				p.updateState(func() { p.state.draining = true })
 				p.log.Info("drain begun: readiness answers 503 from now on")
 			})
 		},
 		done: func() {
 			p.releaseOnce.Do(func() {
 				close(p.released)
-				p.state.done()
+				p.updateState(func() { p.state.released = true })
 				p.log.Info("stopper is done with the app")
 			})
 		},
@@ -456,8 +423,7 @@ func (p *proxy) shutdown(srv *http.Server) error {
 	return err
 }
 
-// lockedWriter keeps the proxy's own log lines and the stopper's copied
-// lines from interleaving mid-line.
+// lockedWriter keeps the proxy's log lines and the copied pipe lines whole.
 type lockedWriter struct {
 	mu sync.Mutex
 	w  io.Writer
@@ -469,23 +435,15 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// limitListener accepts every connection as it comes, so that the kernel's
-// accept queue never fills (the kubelet's client has no dial timeout: its
-// connection would wait there for minutes), and closes at once those beyond
-// total or beyond perAddress from one remote address. A connection gives its
-// slot back when it is closed.
+// limitListener accepts every connection at once, so that the accept queue
+// never fills (the kubelet's client has no dial timeout), and closes those
+// beyond maxConns, or beyond maxConnsPerAddress from one address.
 type limitListener struct {
 	net.Listener
-	total, perAddress int
-	mu                sync.Mutex
-	open              map[string]int // open connections by remote address
-	n                 int
-	refused           *quietLog
-}
-
-func newLimitListener(ln net.Listener, total, perAddress int, log *slog.Logger) *limitListener {
-	refused := &quietLog{log: log.Warn, summary: "connections closed at once: more"}
-	return &limitListener{Listener: ln, total: total, perAddress: perAddress, open: map[string]int{}, refused: refused}
+	mu      sync.Mutex
+	open    map[string]int // open connections by remote address
+	n       int
+	refused *quietLog
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -495,33 +453,27 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		addr, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-		if l.take(addr) {
-			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.give(addr) })}, nil
+		if l.add(addr, 1) {
+			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.add(addr, -1) })}, nil
 		}
 		l.refused.event("refused", "connection closed at once: over the limit", "remote", addr,
-			"per_address", l.perAddress, "total", l.total)
+			"per_address", maxConnsPerAddress, "total", maxConns)
 		c.Close()
 	}
 }
 
-func (l *limitListener) take(addr string) bool {
+// add counts delta connections from addr, unless that passes a limit.
+func (l *limitListener) add(addr string, delta int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.n >= l.total || l.open[addr] >= l.perAddress {
+	if delta > 0 && (l.n >= maxConns || l.open[addr] >= maxConnsPerAddress) {
 		return false
 	}
-	l.n++
-	l.open[addr]++
-	return true
-}
-
-func (l *limitListener) give(addr string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.n--
-	if l.open[addr]--; l.open[addr] == 0 {
+	l.n += delta
+	if l.open[addr] += delta; l.open[addr] == 0 {
 		delete(l.open, addr)
 	}
+	return true
 }
 
 type limitedConn struct {

@@ -201,59 +201,47 @@ func (r record) close() {
 	}
 }
 
-// drainState is the drain's state file, wsdrain.state, written by the proxy.
-// A drain is the pod's end only once it met a waiting preStop of the app's:
-// a drain alone is a restart of the sidecar only (its preStop runs the
-// stopper too), after which the pod must not stay unready for good, and a
-// preStop alone a restart of the app only. The file then holds "terminating",
-// and "done" once the stopper is done.
+// drainState is wsdrain.state beside the pipe: "terminating" once a drain met
+// a held GET /drain, "done" once the stopper is done too. A drain alone is a
+// sidecar-only restart, which the next proxy forgets.
 type drainState struct {
-	f           *os.File // nil: no usable file, the state is in memory only
-	log         *slog.Logger
-	mu          sync.Mutex
-	draining    bool
-	waiters     int  // GET /drain held now
-	terminating bool // written
+	f                  *os.File // nil: in memory only
+	mu                 sync.Mutex
+	draining, released bool
+	waiters            int
+	word               string
 }
 
-// openDrainState reads what an earlier proxy of this pod left at path and
-// clears it unless it says the pod is terminating.
-func openDrainState(path string, log *slog.Logger) (s *drainState, terminating, done bool) {
-	s = &drainState{log: log}
+// openDrainState takes on the word an earlier proxy of this pod left at path.
+func openDrainState(path string) (*drainState, error) {
 	f, err := openOwnFile(path)
 	if err != nil {
-		log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
-		return s, false, false
+		return &drainState{}, err
 	}
-	b, _ := io.ReadAll(io.LimitReader(f, 4<<10))
-	lines := strings.Fields(string(b))
-	s.f, s.terminating = f, slices.Contains(lines, "terminating")
-	if !s.terminating {
-		f.Truncate(0)
+	b, _ := io.ReadAll(io.LimitReader(f, 64))
+	s := &drainState{f: f, released: string(b) == "done"}
+	if s.released || string(b) == "terminating" {
+		s.word = string(b)
 	}
-	return s, s.terminating, s.terminating && slices.Contains(lines, "done")
+	return s, nil
 }
 
-// drainBegun, waiter and done tell the state what the proxy learnt.
-func (s *drainState) drainBegun()  { s.update(func() { s.draining = true }) }
-func (s *drainState) waiter(n int) { s.update(func() { s.waiters += n }) }
-func (s *drainState) done()        { s.write("done") }
-
-func (s *drainState) update(change func()) {
+// update applies what the proxy learnt and rewrites the word when it changes.
+func (s *drainState) update(change func()) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	change()
-	if s.draining && s.waiters > 0 && !s.terminating {
-		s.terminating = true
-		s.write("terminating")
+	old := s.word
+	if s.word == "" && s.draining && s.waiters > 0 {
+		s.word = "terminating"
 	}
-}
-
-func (s *drainState) write(line string) {
-	if s.f == nil {
-		return
+	if s.word == "terminating" && s.released {
+		s.word = "done"
 	}
-	if _, err := s.f.WriteString(line + "\n"); err != nil {
-		s.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
+	if s.f == nil || s.word == old {
+		return nil
 	}
+	s.f.Truncate(0)
+	_, err := s.f.WriteString(s.word)
+	return err
 }
