@@ -1,6 +1,7 @@
 // fifo.go is the drain pipe: a named pipe on an emptyDir through which the
 // stopper (a preStop hook, whose output the kubelet throws away) tells the
-// proxy to drain, and tells the proxy's log what it is doing.
+// proxy to drain and tells the proxy's log what it does, and what the proxy
+// does with each message, with the drain's state for a restarted proxy.
 //
 // The protocol is one message per line, each written in a single write(2)
 // of at most PIPE_BUF bytes so that it arrives whole, and framed by a newline
@@ -65,55 +66,80 @@ func openFIFOReader(path string) (*os.File, error) {
 	return f, nil
 }
 
-// fifoEvents is what the proxy does with each kind of message.
-type fifoEvents struct {
-	drain      func()
-	done       func()
-	stopperLog func(line []byte)
-	ignored    func(why string, preview []byte)
-}
-
-// readFIFO reads messages until r fails (the proxy closes it on shutdown).
-// A line longer than maxMessage is skipped to its end, so garbage of any
-// length cannot swallow a "drain" that follows it.
-func readFIFO(r io.Reader, ev fifoEvents) error {
+// readFIFO hands each message to handle until r fails (the proxy closes it
+// on shutdown). A line longer than maxMessage is skipped to its end and handed
+// over cut, not whole, so that garbage of any length cannot swallow a "drain".
+func readFIFO(r io.Reader, handle func(msg []byte, whole bool)) error {
 	br := bufio.NewReaderSize(r, maxMessage)
 	for {
 		line, err := br.ReadSlice('\n')
-		switch {
-		case errors.Is(err, bufio.ErrBufferFull):
-			ev.ignored("line longer than 4096 bytes", line[:64])
-			if err := skipLine(br); err != nil {
-				return err
+		if errors.Is(err, bufio.ErrBufferFull) {
+			handle(line[:64], false)
+			for errors.Is(err, bufio.ErrBufferFull) {
+				_, err = br.ReadSlice('\n')
 			}
-		case err != nil:
+		} else if err == nil && len(line) > 1 {
+			handle(line[:len(line)-1], true)
+		}
+		if err != nil {
 			return err
-		case len(line) > 1:
-			dispatchMessage(bytes.TrimSuffix(line, []byte("\n")), ev)
 		}
 	}
 }
 
-func dispatchMessage(msg []byte, ev fifoEvents) {
-	switch {
-	case string(msg) == "drain":
-		ev.drain()
-	case string(msg) == "done":
-		ev.done()
-	case bytes.HasPrefix(msg, []byte("log ")) && printable(msg[4:]):
-		ev.stopperLog(msg[4:])
-	default:
-		ev.ignored("unknown message", msg[:min(len(msg), 64)])
+// pipeLinePrefix marks a line copied from the pipe, which anyone who can write
+// the pipe may write, apart from the proxy's own ("time=...").
+const pipeLinePrefix = "pipe: "
+
+// pipeMessage is what the proxy does with each message of the pipe.
+func (p *proxy) pipeMessage(out io.Writer) func(msg []byte, whole bool) {
+	ignored := &quietLog{log: p.log.Warn, summary: "fifo: ignored more messages"}
+	return func(msg []byte, whole bool) {
+		switch {
+		case !whole:
+			ignored.event("count", "fifo: ignored message", "why", "line longer than 4096 bytes", "start", string(msg))
+		case string(msg) == "drain":
+			p.drainOnce.Do(func() {
+				close(p.draining)
+				p.updateState(func() { p.state.draining = true })
+				p.log.Info("drain begun: readiness answers 503 from now on")
+			})
+		case string(msg) == "done":
+			p.releaseOnce.Do(func() {
+				close(p.released)
+				p.updateState(func() { p.state.released = true })
+				p.log.Info("stopper is done with the app")
+			})
+		case bytes.HasPrefix(msg, []byte("log ")) && printable(msg[4:]):
+			fmt.Fprintf(out, "%s%s\n", pipeLinePrefix, msg[4:])
+		default:
+			ignored.event("count", "fifo: ignored message", "why", "unknown message", "start", string(msg[:min(len(msg), 64)]))
+		}
 	}
 }
 
-// skipLine discards up to and including the next newline.
-func skipLine(br *bufio.Reader) error {
-	for {
-		_, err := br.ReadSlice('\n')
-		if !errors.Is(err, bufio.ErrBufferFull) {
-			return err
-		}
+// resume takes on the drain state an earlier proxy of this pod left (one
+// restarted while the pod terminates, KEP-4438): 503 from its first answer,
+// and GET /drain held until the stopper is done.
+func (p *proxy) resume(path string) {
+	s, err := openDrainState(path)
+	if err != nil {
+		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
+	}
+	p.state = s
+	if s.word != "" {
+		p.drainOnce.Do(func() { close(p.draining) })
+		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
+	}
+	if s.word == "done" {
+		p.releaseOnce.Do(func() { close(p.released) })
+		p.log.Info("the stopper was done with the app before this proxy started")
+	}
+}
+
+func (p *proxy) updateState(change func()) {
+	if err := p.state.update(change); err != nil {
+		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
 	}
 }
 

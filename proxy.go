@@ -35,13 +35,6 @@ example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
 `
 
-// The connection limits bound the proxy's memory (BENCHMARKS.md); one address
-// cannot take the room the kubelet's probes and hooks need.
-const (
-	maxConns           = 256
-	maxConnsPerAddress = 32
-)
-
 // defaultMemoryLimit keeps the runtime under the sidecar's 64 MiB limit
 // (k8s.yaml), which the stopper shares; GOMEMLIMIT overrides it.
 const defaultMemoryLimit = 24 << 20
@@ -116,7 +109,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
 		// can arrive any more, which a person must hear about.
-		if err := readFIFO(pipe, p.fifoEvents(out)); !errors.Is(err, os.ErrClosed) {
+		if err := readFIFO(pipe, p.pipeMessage(out)); !errors.Is(err, os.ErrClosed) {
 			logger.Error("drain pipe stopped working: the stopper can no longer drain this pod", "err", err)
 		}
 	}()
@@ -349,60 +342,6 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 	}
 }
 
-// pipeLinePrefix marks a line copied from the drain pipe, which anyone who can
-// write the pipe may write, apart from the proxy's own ("time=...").
-const pipeLinePrefix = "pipe: "
-
-// resume takes on the drain state an earlier proxy of this pod left (one
-// restarted while the pod terminates, KEP-4438): 503 from its first answer,
-// and GET /drain held until the stopper is done.
-func (p *proxy) resume(path string) {
-	s, err := openDrainState(path)
-	if err != nil {
-		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
-	}
-	p.state = s
-	if s.word != "" {
-		p.drainOnce.Do(func() { close(p.draining) })
-		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
-	}
-	if s.word == "done" {
-		p.releaseOnce.Do(func() { close(p.released) })
-		p.log.Info("the stopper was done with the app before this proxy started")
-	}
-}
-
-func (p *proxy) updateState(change func()) {
-	if err := p.state.update(change); err != nil {
-		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
-	}
-}
-
-// fifoEvents wires the drain pipe to the proxy's state and log.
-func (p *proxy) fifoEvents(out io.Writer) fifoEvents {
-	warnings := &quietLog{log: p.log.Warn, summary: "fifo: ignored more messages"}
-	return fifoEvents{
-		drain: func() {
-			p.drainOnce.Do(func() {
-				close(p.draining)
-				p.updateState(func() { p.state.draining = true })
-				p.log.Info("drain begun: readiness answers 503 from now on")
-			})
-		},
-		done: func() {
-			p.releaseOnce.Do(func() {
-				close(p.released)
-				p.updateState(func() { p.state.released = true })
-				p.log.Info("stopper is done with the app")
-			})
-		},
-		stopperLog: func(line []byte) { fmt.Fprintf(out, "%s%s\n", pipeLinePrefix, line) },
-		ignored: func(why string, preview []byte) {
-			warnings.event("count", "fifo: ignored message", "why", why, "start", string(preview))
-		},
-	}
-}
-
 // shutdown releases waiting preStops and stops serving within 5 s.
 func (p *proxy) shutdown(srv *http.Server) error {
 	p.stopOnce.Do(func() { close(p.stopping) })
@@ -433,55 +372,4 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-// limitListener accepts every connection at once, so that the accept queue
-// never fills (the kubelet's client has no dial timeout), and closes those
-// beyond maxConns, or beyond maxConnsPerAddress from one address.
-type limitListener struct {
-	net.Listener
-	mu      sync.Mutex
-	open    map[string]int // open connections by remote address
-	n       int
-	refused *quietLog
-}
-
-func (l *limitListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		addr, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-		if l.add(addr, 1) {
-			return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.add(addr, -1) })}, nil
-		}
-		l.refused.event("refused", "connection closed at once: over the limit", "remote", addr,
-			"per_address", maxConnsPerAddress, "total", maxConns)
-		c.Close()
-	}
-}
-
-// add counts delta connections from addr, unless that passes a limit.
-func (l *limitListener) add(addr string, delta int) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if delta > 0 && (l.n >= maxConns || l.open[addr] >= maxConnsPerAddress) {
-		return false
-	}
-	l.n += delta
-	if l.open[addr] += delta; l.open[addr] == 0 {
-		delete(l.open, addr)
-	}
-	return true
-}
-
-type limitedConn struct {
-	net.Conn
-	release func()
-}
-
-func (c *limitedConn) Close() error {
-	defer c.release()
-	return c.Conn.Close()
 }

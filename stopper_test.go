@@ -534,11 +534,10 @@ func proxyPipe(t *testing.T, path string, full bool) (read func() []string) {
 			held = append(held, buf[:n]...)
 		}
 		var msgs []string
-		readFIFO(bytes.NewReader(held), fifoEvents{
-			drain:      func() { msgs = append(msgs, "drain") },
-			done:       func() { msgs = append(msgs, "done") },
-			stopperLog: func([]byte) {},
-			ignored:    func(string, []byte) {},
+		readFIFO(bytes.NewReader(held), func(msg []byte, whole bool) {
+			if whole && (string(msg) == "drain" || string(msg) == "done") {
+				msgs = append(msgs, string(msg))
+			}
 		})
 		return msgs
 	}
