@@ -74,7 +74,12 @@ func (r *run) restartMidDrain(component string) error {
 	out := p.logs.wait()
 	r.check("call lasted to its planned end, no gap in echoes over 1s",
 		stats.err == nil && stats.sent == stats.echoed && stats.maxGap <= time.Second, "gap %s, %s", ms(stats.maxGap), stats)
-	r.check("pod gone ≤3s after the call's end", gone.at.Sub(ended) <= 3*time.Second, "%s", ms(gone.at.Sub(ended)))
+	if signalled, ok := signalledAt(out); ok {
+		r.check("app SIGTERM (or release) ≤1s after the call's end", signalled.Sub(ended) <= time.Second, "%s", ms(signalled.Sub(ended)))
+	} else {
+		r.check("app SIGTERM (or release) ≤1s after the call's end", false, "not in the wsdrain log")
+	}
+	r.check("pod gone ≤5s after the call's end", gone.at.Sub(ended) <= goneBound, "%s", ms(gone.at.Sub(ended)))
 	r.info("stopper runs seen in the wsdrain log", "%d", strings.Count(out, `msg="stopper started"`))
 	return r.waitReady(2)
 }
