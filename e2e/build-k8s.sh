@@ -8,7 +8,7 @@ trap 'echo "build-k8s: FAILED at line $LINENO: $BASH_COMMAND (exit status $?)" >
 
 version=${1:?usage: build-k8s.sh VERSION OUTDIR}
 out=${2:?usage: build-k8s.sh VERSION OUTDIR}
-bins=(kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl)
+bins=(kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy)
 
 have_all() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
 if have_all; then exit 0; fi

@@ -52,10 +52,56 @@ func (r *run) deploy(why, appImage string, shortGrace bool, extra ...[2]string) 
 		return err
 	}
 	r.logf("deployment rolled out")
+	if err := r.serviceAnswers(); err != nil {
+		return err
+	}
 	if strings.Contains(why, "shipped") {
 		r.check("admitted under the restricted Pod Security profile", len(r.w.readyPods()) == 2, "%d pods ready", len(r.w.readyPods()))
+		r.runtimeChecks()
 	}
 	return nil
+}
+
+// serviceAnswers finds the Service's ClusterIP and waits until kube-proxy
+// routes a call through it.
+func (r *run) serviceAnswers() error {
+	out, err := r.kubectl("get", "service", "voicebot", "-o", "jsonpath={.spec.clusterIP}:{.spec.ports[0].port}")
+	if err != nil {
+		return err
+	}
+	r.service = strings.TrimSpace(out)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		c, err := startCall(r.service)
+		if err == nil {
+			c.end()
+			r.logf("calls go through the Service voicebot, ClusterIP %s (kube-proxy)", r.service)
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no call through the Service after 30s: %w", err)
+		}
+	}
+}
+
+// runtimeChecks shows which runtime runs the pods, and that the restricted
+// profile's seccompProfile RuntimeDefault is really applied to the app.
+func (r *run) runtimeChecks() {
+	out, err := r.kubectl("get", "node", "-o", "jsonpath={.items[0].status.nodeInfo.containerRuntimeVersion}")
+	r.check("container runtime", err == nil && strings.HasPrefix(out, "containerd://2."), "%s, %s%v", out, r.runtime, errOrNil(err))
+	pod, _, err := r.pickPod()
+	if err != nil {
+		r.check("app runs under seccomp (Seccomp: 2)", false, "%v", err)
+		return
+	}
+	pid, err := r.containerPID(pod, "app")
+	if err != nil {
+		r.check("app runs under seccomp (Seccomp: 2)", false, "%v", err)
+		return
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	line := firstLine(string(status), "Seccomp:")
+	r.logf("%s app (host PID %d) /proc/1/status: %s", pod, pid, line)
+	r.check("app runs under seccomp (Seccomp: 2)", err == nil && strings.Fields(line + " x")[1] == "2", "%s", line)
 }
 
 // sharesPIDNamespace tells whether a manifest's pods share their PID namespace.

@@ -24,12 +24,13 @@ type config struct {
 	wsdrainImage, appImage, wrapped    string
 	scraperIP                          string
 	label, resultsFile                 string
-	only                               *regexp.Regexp
+	only, skip                         *regexp.Regexp
+	pidDir, podLogs, ctr, runtime      string
 }
 
 func main() {
 	var c config
-	var manifests, only, summary string
+	var manifests, only, skip, summary string
 	flag.StringVar(&c.kubectl, "kubectl", "kubectl", "kubectl binary")
 	flag.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig of the e2e cluster")
 	flag.StringVar(&c.apiURL, "api", "https://127.0.0.1:16443", "API server URL, for watches")
@@ -44,6 +45,11 @@ func main() {
 	flag.StringVar(&c.label, "label", "", "what this run is, for the summary: the Kubernetes version")
 	flag.StringVar(&c.resultsFile, "results", "", "append one row per check to this file")
 	flag.StringVar(&only, "run", ".", "run only the scenarios whose name matches this regexp")
+	flag.StringVar(&skip, "skip", "^$", "do not run the scenarios whose name matches this regexp")
+	flag.StringVar(&c.pidDir, "pids", "", "e2e/run.sh's NAME.pid and NAME.sh of the cluster's processes, for the faults")
+	flag.StringVar(&c.podLogs, "pod-logs", "", "the kubelet's podLogsDir, read where a kubelet restart ends \"kubectl logs -f\"")
+	flag.StringVar(&c.ctr, "containerd", "ctr -n k8s.io", "ctr command line for the node's containerd")
+	flag.StringVar(&c.runtime, "runtime", "", "the OCI runtime's name and version, for the summary")
 	flag.StringVar(&summary, "summary", "", "print the rows of this results file as a table, and exit")
 	flag.Parse()
 
@@ -57,6 +63,10 @@ func main() {
 	var err error
 	if c.only, err = regexp.Compile(only); err != nil {
 		fmt.Fprintf(os.Stderr, "-run: %v\n", err)
+		os.Exit(2)
+	}
+	if c.skip, err = regexp.Compile(skip); err != nil {
+		fmt.Fprintf(os.Stderr, "-skip: %v\n", err)
 		os.Exit(2)
 	}
 	c.manifests = strings.Split(manifests, ",")
@@ -80,6 +90,7 @@ func main() {
 type run struct {
 	config
 	manifest       string // the manifest the scenarios run on now
+	service        string // the Service's ClusterIP:port, where every call goes
 	scenario       string // the scenario running now, for the summary rows
 	start          time.Time
 	w              *watcher
@@ -105,7 +116,15 @@ func (r *run) check(name string, ok bool, figure string, args ...any) {
 		verdict = "FAIL"
 		r.failed++
 	}
-	fig := fmt.Sprintf(figure, args...)
+	r.row(verdict, name, fmt.Sprintf(figure, args...))
+}
+
+// info prints and keeps a figure that informs and does not fail the run.
+func (r *run) info(name, figure string, args ...any) {
+	r.row("INFO", name, fmt.Sprintf(figure, args...))
+}
+
+func (r *run) row(verdict, name, fig string) {
 	fmt.Printf("%s  %s: %s\n", verdict, name, fig)
 	r.rows = append(r.rows, row{r.label, filepath.Base(r.manifest), r.scenario, name, verdict, fig})
 }
@@ -135,6 +154,11 @@ var scenarios = []scenario{
 	{"4. call longer than the drain timeout", (*run).timeout, false},
 	{"5. keep-alive scraper on the call port", (*run).scraper, false},
 	{"6. preStop hooks", (*run).hooks, false},
+	{"7. rolling update under load", (*run).underLoad, false},
+	{"8. kubelet killed mid-drain", (*run).kubeletKilled, false},
+	{"9. containerd killed mid-drain", (*run).containerdKilled, false},
+	{"10. app crashes mid-drain", (*run).appCrashes, false},
+	{"11. proxy killed mid-drain (informs)", (*run).proxyKilled, false},
 }
 
 func (r *run) all() error {
@@ -172,7 +196,7 @@ func (r *run) onManifest(manifest string) error {
 		return err
 	}
 	for _, s := range scenarios {
-		if !r.only.MatchString(s.name) {
+		if !r.only.MatchString(s.name) || r.skip.MatchString(s.name) {
 			continue
 		}
 		if s.sharedPID && !shared {

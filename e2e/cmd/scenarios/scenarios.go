@@ -144,14 +144,25 @@ func (r *run) restartUntilDeleting(pod string) (event, error) {
 	return r.w.waitEvent("deleting", pod, r.start, 5*time.Minute)
 }
 
-// callOnAPod starts a call to a ready pod and follows its wsdrain log.
+// callOnAPod starts a call through the Service and follows the wsdrain log
+// of the pod that answered it. A call that reached a pod not ready (one the
+// Service is still letting go of) is ended and made again.
 func (r *run) callOnAPod() (pod, ip string, logs *logFollower, c *call, err error) {
-	if pod, ip, err = r.pickPod(); err != nil {
+	if err = r.waitReady(1); err != nil {
 		return
 	}
-	logs = r.followLogs(pod)
-	c, err = startCall(ip)
-	return
+	for try := 0; try < 20; try++ {
+		if c, err = startCall(r.service); err != nil {
+			return
+		}
+		if ip = r.w.readyPods()[c.pod]; ip != "" {
+			return c.pod, ip, r.followLogs(c.pod), c, nil
+		}
+		r.logf("call through %s reached %s, not ready: made again", r.service, c.pod)
+		c.end()
+		time.Sleep(200 * time.Millisecond)
+	}
+	return "", "", nil, nil, fmt.Errorf("20 calls through %s reached no ready pod", r.service)
 }
 
 // doomedPod is a pod deleted while a call to it is open.
@@ -346,11 +357,18 @@ type logFollower struct {
 	buf  *bytes.Buffer
 	mu   *sync.Mutex
 	done chan struct{}
+	quit chan struct{} // closed by stop
+	cmd  *exec.Cmd
+}
+
+func newLogFollower() *logFollower {
+	return &logFollower{buf: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan struct{}), quit: make(chan struct{})}
 }
 
 func (r *run) followLogs(pod string) *logFollower {
-	lf := &logFollower{buf: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan struct{})}
+	lf := newLogFollower()
 	cmd := exec.Command(r.config.kubectl, "--kubeconfig", r.kubeconfig, "logs", "-f", pod, "-c", "wsdrain")
+	lf.cmd = cmd
 	cmd.Stdout = lockedWriter{lf}
 	cmd.Stderr = lockedWriter{lf}
 	if err := cmd.Start(); err != nil {
@@ -361,6 +379,20 @@ func (r *run) followLogs(pod string) *logFollower {
 	return lf
 }
 
+func (lf *logFollower) write(s string) {
+	lf.mu.Lock()
+	defer lf.mu.Unlock()
+	lf.buf.WriteString(s)
+}
+
+// stop ends following, keeping what was read.
+func (lf *logFollower) stop() {
+	if lf.cmd != nil && lf.cmd.Process != nil {
+		lf.cmd.Process.Kill()
+	}
+	close(lf.quit)
+}
+
 // sofar is what the log said until now.
 func (lf *logFollower) sofar() string {
 	lf.mu.Lock()
@@ -369,15 +401,20 @@ func (lf *logFollower) sofar() string {
 }
 
 func (lf *logFollower) wait() string {
+	out := lf.read()
+	fmt.Print(indent("  wsdrain log: ", out))
+	return out
+}
+
+// read returns the log once it has ended, without printing it.
+func (lf *logFollower) read() string {
 	select {
 	case <-lf.done:
 	case <-time.After(90 * time.Second):
 	}
 	lf.mu.Lock()
 	defer lf.mu.Unlock()
-	out := lf.buf.String()
-	fmt.Print(indent("  wsdrain log: ", out))
-	return out
+	return lf.buf.String()
 }
 
 type lockedWriter struct{ lf *logFollower }
@@ -399,22 +436,29 @@ func (r *run) kubectl(args ...string) (string, error) {
 // call is a WebSocket call that sends a message every 100ms and checks
 // that each one is echoed.
 type call struct {
-	conn *websocket.Conn
-	stop chan struct{}
-	done chan callStats
+	conn      *websocket.Conn
+	pod       string    // the pod that answered the handshake
+	connected time.Time // when it did
+	stop      chan struct{}
+	done      chan callStats
 }
 
 type callStats struct {
 	sent, echoed int
+	maxGap       time.Duration // the longest time without an echo, from the handshake on
 	err          error
 }
 
-func startCall(ip string) (*call, error) {
-	conn, _, err := websocket.DefaultDialer.Dial("ws://"+ip+":8080/ws", nil)
+var dialer = websocket.Dialer{HandshakeTimeout: 5 * time.Second}
+
+// startCall makes a call to addr (the Service's ClusterIP:port).
+func startCall(addr string) (*call, error) {
+	conn, resp, err := dialer.Dial("ws://"+addr+"/ws", nil)
 	if err != nil {
-		return nil, fmt.Errorf("call to %s: %w", ip, err)
+		return nil, fmt.Errorf("call to %s: %w", addr, err)
 	}
-	c := &call{conn: conn, stop: make(chan struct{}), done: make(chan callStats, 1)}
+	c := &call{conn: conn, pod: resp.Header.Get("X-Pod"), connected: time.Now(),
+		stop: make(chan struct{}), done: make(chan callStats, 1)}
 	go c.loop()
 	return c, nil
 }
@@ -423,7 +467,12 @@ func (c *call) loop() {
 	var s callStats
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
-	defer func() { c.conn.Close(); c.done <- s }()
+	last := c.connected
+	defer func() {
+		s.maxGap = max(s.maxGap, time.Since(last))
+		c.conn.Close()
+		c.done <- s
+	}()
 	for {
 		select {
 		case <-c.stop:
@@ -444,6 +493,8 @@ func (c *call) loop() {
 		}
 		if string(got) == msg {
 			s.echoed++
+			s.maxGap = max(s.maxGap, time.Since(last))
+			last = time.Now()
 		}
 	}
 }

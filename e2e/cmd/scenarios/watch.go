@@ -238,6 +238,18 @@ func (w *watcher) eventDetail(kind, pod, prefix string) (event, bool) {
 	return event{}, false
 }
 
+// seen tells whether an event of kind has arrived for pod.
+func (w *watcher) seen(kind, pod string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, e := range w.events {
+		if e.kind == kind && e.pod == pod {
+			return true
+		}
+	}
+	return false
+}
+
 // readyPods lists the pods that are ready and not being deleted.
 func (w *watcher) readyPods() map[string]string {
 	w.mu.Lock()

@@ -26,7 +26,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	calls := &callSet{conns: map[*websocket.Conn]bool{}}
+	// A pod's hostname is its name: the handshake tells the caller which pod
+	// the Service chose (e2e "load").
+	host, _ := os.Hostname()
+	calls := &callSet{conns: map[*websocket.Conn]bool{}, answer: http.Header{"X-Pod": {host}}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
 	// Like many apps, it serves its own metrics on the call port: a scraper
@@ -55,13 +58,14 @@ func main() {
 var upgrader = websocket.Upgrader{CheckOrigin: func(*http.Request) bool { return true }}
 
 type callSet struct {
-	mu    sync.Mutex
-	conns map[*websocket.Conn]bool
+	mu     sync.Mutex
+	conns  map[*websocket.Conn]bool
+	answer http.Header // sent with every handshake's answer
 }
 
 // serve echoes every message until the client closes the call.
 func (s *callSet) serve(w http.ResponseWriter, r *http.Request, log *slog.Logger) {
-	c, err := upgrader.Upgrade(w, r, nil)
+	c, err := upgrader.Upgrade(w, r, s.answer)
 	if err != nil {
 		return
 	}
