@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,15 +20,17 @@ import (
 
 func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseStopperFlags(args, stdout)
-	if err != nil {
-		return err
-	}
 	pipe := newFIFOWriter(cfg.fifo)
 	defer pipe.close()
-	log := slog.New(slog.NewMultiHandler(
-		slog.NewTextHandler(stderr, nil),
-		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
-	))
+	toProxy := slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")})
+	if err != nil {
+		// The kubelet throws a hook's output away: only the proxy's log is read.
+		if !errors.Is(err, errHelp) {
+			slog.New(toProxy).Error("stopper not started: the pod is not drained", "err", err)
+		}
+		return err
+	}
+	log := slog.New(slog.NewMultiHandler(slog.NewTextHandler(stderr, nil), toProxy))
 	fs := procFS{root: "/proc"}
 	source, err := openSource(cfg.calls, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
