@@ -131,15 +131,15 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 	sigName := fs.String("signal", "TERM", "the `signal`: TERM, INT, QUIT, HUP, USR1 or USR2")
 	flags := addCallFlags(fs)
 	if err := parseFlags(fs, stopperHelp, args, stdout); err != nil {
-		return stopperConfig{}, err
+		return stopperConfig{fifo: *fifo}, err
 	}
 	sig, err := parseSignal(*sigName)
 	if err != nil {
-		return stopperConfig{}, err
+		return stopperConfig{fifo: *fifo}, err
 	}
 	c, err := flags.calls("stopper")
 	if err != nil {
-		return stopperConfig{}, err
+		return stopperConfig{fifo: *fifo}, err
 	}
 	return stopperConfig{calls: c, fifo: *fifo, interval: interval.d, minDrain: minDrain.d, timeout: timeout.d,
 		exitWait: exitWait.d, signal: sig}, nil

@@ -126,7 +126,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	serveErr := make(chan error, 1)
 	go func() {
-		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string]int{},
+		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string][]*limitedConn{},
 			refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
 	}()
 	select {

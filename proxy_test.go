@@ -765,6 +765,26 @@ func TestProxyLeavesTheNodeRoomDuringAFlood(t *testing.T) {
 	}
 }
 
+// TestProxyHoldsTheKubeletsHookWhenEightAddressesFillIt: GET /drain waiters
+// from eight addresses, each under its own cap, fill the proxy; the kubelet's
+// probe and hook, from another address, must still get a slot.
+func TestProxyHoldsTheKubeletsHookWhenEightAddressesFillIt(t *testing.T) {
+	app := newFakeApp(t)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"), "--drain-start-wait", "0")
+	addr := strings.TrimPrefix(p.url, "http://")
+	flood(t, addr, maxConns, maxConns/maxConnsPerAddress, "GET /drain HTTP/1.1\r\nHost: pod\r\n\r\n")
+	waitFor(t, "the flood's waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == maxConns })
+	node := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	kubelet := &http.Client{Transport: &http.Transport{DialContext: node.DialContext, DisableKeepAlives: true}}
+	probe := &http.Client{Timeout: time.Second, Transport: kubelet.Transport}
+	resp, err := probe.Get(p.url + "/ready")
+	if err != nil {
+		t.Fatalf("the node's probe with the proxy full: %v", err)
+	}
+	resp.Body.Close()
+	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
+}
+
 // drainLogCount is how many GET /drain events of a kind ("waiting",
 // "released", "gave_up") the proxy's log reports, counting those it summed up.
 func drainLogCount(log, kind string) int {

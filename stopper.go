@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,15 +20,17 @@ import (
 
 func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseStopperFlags(args, stdout)
-	if err != nil {
-		return err
-	}
 	pipe := newFIFOWriter(cfg.fifo)
 	defer pipe.close()
-	log := slog.New(slog.NewMultiHandler(
-		slog.NewTextHandler(stderr, nil),
-		slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")}),
-	))
+	toProxy := slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")})
+	if err != nil {
+		// The kubelet throws a hook's output away: only the proxy's log is read.
+		if !errors.Is(err, errHelp) {
+			slog.New(toProxy).Error("stopper not started: the pod is not drained", "err", err)
+		}
+		return err
+	}
+	log := slog.New(slog.NewMultiHandler(slog.NewTextHandler(stderr, nil), toProxy))
 	fs := procFS{root: "/proc"}
 	source, err := openSource(cfg.calls, func(msg string, err error) { log.Warn(msg, "err", err) })
 	if err != nil {
@@ -241,7 +244,7 @@ func (s *stopper) waitExit(ctx context.Context, still string, gone func() (bool,
 // twice: neither /proc nor a netlink dump is a snapshot, and one reading can
 // miss a socket.
 func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
-	r := countReporter{log: s.log, last: tally{calls: -1}}
+	r := countReporter{log: s.log}
 	afterEvent := false // whether this count answers a destroy event
 	for {
 		var before time.Duration
@@ -254,7 +257,10 @@ func (s *stopper) waitForCalls(ctx context.Context, begun time.Time) error {
 		}
 		elapsed := s.now().Sub(begun)
 		if err == nil && t.calls == 0 && elapsed >= s.cfg.minDrain {
-			t, err = s.secondReading(elapsed)
+			if t, err = s.count(); err != nil || t.calls != 0 {
+				s.log.Warn("a zero count was not confirmed by a second reading; waiting",
+					"connections", countAttr(t.calls, err), "elapsed", elapsed.Round(time.Millisecond))
+			}
 		}
 		n := t.calls
 		r.report(t, err, elapsed)
@@ -281,16 +287,6 @@ func processCPU() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// secondReading counts again after a zero; what it reads stands.
-func (s *stopper) secondReading(elapsed time.Duration) (tally, error) {
-	t, err := s.count()
-	if err != nil || t.calls != 0 {
-		s.log.Warn("a zero count was not confirmed by a second reading; waiting",
-			"connections", countAttr(t.calls, err), "elapsed", elapsed.Round(time.Millisecond))
-	}
-	return t, err
 }
 
 // A count that answered an event is paid back by waiting recountGap times
@@ -339,20 +335,19 @@ func (s *stopper) nextWait(n int, err error, elapsed time.Duration) time.Duratio
 	return wait
 }
 
-// countReporter logs every change of the tally, and a reminder each minute.
+// countReporter logs every change of the count, and a reminder each minute.
 type countReporter struct {
 	log        *slog.Logger
-	last       tally
-	lastErr    string
+	last       string // the tally and error last logged
 	lastLogged time.Duration
 }
 
 func (r *countReporter) report(t tally, err error, elapsed time.Duration) {
-	at := elapsed.Round(time.Millisecond)
+	at, now := elapsed.Round(time.Millisecond), fmt.Sprint(t, err)
 	switch {
-	case err != nil && err.Error() != r.lastErr:
+	case now != r.last && err != nil:
 		r.log.Warn("connection count unknown; waiting, not signalling", "err", err, "elapsed", at)
-	case err == nil && t != r.last:
+	case now != r.last:
 		r.log.Info("connections open", "count", t.calls, "excluded_peer", t.excludedPeer,
 			"excluded_idle", t.excludedIdle, "elapsed", at)
 	case elapsed-r.lastLogged >= time.Minute:
@@ -360,11 +355,7 @@ func (r *countReporter) report(t tally, err error, elapsed time.Duration) {
 	default:
 		return
 	}
-	r.lastLogged = elapsed
-	r.last, r.lastErr = t, ""
-	if err != nil {
-		r.last, r.lastErr = tally{calls: -1}, err.Error()
-	}
+	r.last, r.lastLogged = now, elapsed
 }
 
 func countAttr(n int, err error) string {

@@ -641,3 +641,19 @@ func TestStopperFailsWhenDoneNeverGetsThrough(t *testing.T) {
 		})
 	}
 }
+
+// TestStopperTellsTheProxysLogOfBadUsage: the kubelet throws a preStop's
+// output away, so a stopper started with a mistake in its flags must say so
+// in the proxy's log, where kubectl logs shows it.
+func TestStopperTellsTheProxysLogOfBadUsage(t *testing.T) {
+	app := newFakeApp(t)
+	fifo := filepath.Join(t.TempDir(), "drain.fifo")
+	p := startProxy(t, app.URL+"/healthz", fifo)
+	cmd := wsdrainCmd("stopper", "--fifo", fifo, "--timeout", "10")
+	if err := cmd.Run(); cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 2 {
+		t.Fatalf("stopper with a bad --timeout: %v, want exit status 2", err)
+	}
+	waitFor(t, "the usage error in the proxy's log", func() bool {
+		return strings.Contains(p.out.String(), "level=ERROR") && strings.Contains(p.out.String(), "--timeout")
+	})
+}
