@@ -79,7 +79,7 @@ func (r *run) restartMidDrain(component string) error {
 	} else {
 		r.check("app SIGTERM (or release) ≤1s after the call's end", false, "not in the wsdrain log")
 	}
-	r.check("pod gone ≤5s after the call's end", gone.at.Sub(ended) <= goneBound, "%s", ms(gone.at.Sub(ended)))
+	r.check("pod gone ≤3s after the call's end", gone.at.Sub(ended) <= goneBound, "%s", ms(gone.at.Sub(ended)))
 	r.info("stopper runs seen in the wsdrain log", "%d", strings.Count(out, `msg="stopper started"`))
 	return r.waitReady(2)
 }

@@ -22,12 +22,11 @@ const (
 	loadMaxLength = 25 * time.Second
 	loadSeed      = 15
 	loadOpen      = 40 // calls open at once the rollout waits for
-	// A pod's end after its last call, where several pods stop and start at
-	// once or a runtime has just restarted: the stopper's part is checked at
-	// 1s, the kubelet's (stopping containers and sandbox) is the rest. On the
-	// e2e's 2-core host shared with builds the kubelet's part took 2.0-4.7s
-	// (0.5-1.0s on a quiet host), hence 5s, not the single-call 3s.
-	goneBound = 5 * time.Second
+	// A pod's end after its last call (issue 15): the stopper's part is
+	// checked at 1s; the kubelet's adds its 1s PLEG relist, CRI stops and the
+	// sandbox's CNI teardown, 0.3-1.5s on a quiet host. A host busy with
+	// builds stretched it to 4.7s: run the e2e on a quiet one.
+	goneBound = 3 * time.Second
 )
 
 // loadCall is one call of the load: planned length, and what happened.
@@ -241,7 +240,7 @@ func (r *run) loadFigures(calls []*loadCall, old map[string]string, gone, signal
 			pod, ms(lastEnd.Sub(deleting.at)), ms(sig.Sub(lastEnd)), ms(goneAt.Sub(lastEnd)), held)
 	}
 	if len(afterEnd) > 0 {
-		r.check("old pods gone ≤5s after their last call's end (or --min-drain)", slices.Max(afterEnd) <= goneBound, "%s", spread(afterEnd))
+		r.check("old pods gone ≤3s after their last call's end (or --min-drain)", slices.Max(afterEnd) <= goneBound, "%s", spread(afterEnd))
 	}
 	// Split as in "rolling update under a call": the stopper's part, and
 	// the kubelet's (stopping the containers and the sandbox).
