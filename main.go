@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -322,15 +321,6 @@ func (f *durationFlag) Set(s string) error {
 	}
 	f.d = d
 	return nil
-}
-
-// parseHealthURL accepts only an absolute http or https URL with a host.
-func parseHealthURL(s string) (*url.URL, error) {
-	u, err := url.Parse(s)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", s)}
-	}
-	return u, nil
 }
 
 // buildVersion is the stamped version, else what the Go toolchain recorded.

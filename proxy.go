@@ -65,9 +65,9 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	if err != nil {
 		return proxyConfig{}, err
 	}
-	u, err := parseHealthURL(*health)
-	if err != nil {
-		return proxyConfig{}, err
+	u, err := url.Parse(*health)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", *health)}
 	}
 	_, port, err := net.SplitHostPort(*listen)
 	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
@@ -80,7 +80,8 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 }
 
 // runProxy serves until ctx is cancelled (SIGTERM), then releases any
-// waiting preStop and shuts down within a few seconds.
+// waiting preStop and shuts down within a few seconds. Its log and the lines
+// copied from the pipe go to stdout, one Write each: os.Stdout serialises them.
 func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg, err := parseProxyFlags(args, stdout)
 	if err != nil {
@@ -89,8 +90,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(defaultMemoryLimit)
 	}
-	out := &lockedWriter{w: stdout}
-	logger := slog.New(slog.NewTextHandler(out, nil))
+	logger := slog.New(slog.NewTextHandler(stdout, nil))
 	if err := ensureFIFO(cfg.fifo); err != nil {
 		return err
 	}
@@ -103,13 +103,15 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
+	// No idle connection: one kept open to the app's port would count as a
+	// live call. Proxy is unset: never through HTTP_PROXY, the app is local.
+	p := newProxy(cfg, &http.Transport{DisableKeepAlives: true, MaxResponseHeaderBytes: 16 << 10}, logger)
 	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
 	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
 		// The pipe is closed only at shutdown; any other end means no drain
 		// can arrive any more, which a person must hear about.
-		if err := readFIFO(pipe, p.pipeMessage(out)); !errors.Is(err, os.ErrClosed) {
+		if err := readFIFO(pipe, p.pipeMessage(stdout)); !errors.Is(err, os.ErrClosed) {
 			logger.Error("drain pipe stopped working: the stopper can no longer drain this pod", "err", err)
 		}
 	}()
@@ -124,17 +126,15 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
 		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
-	serveErr := make(chan error, 1)
-	go func() {
-		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string]int{},
-			refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
-	}()
-	select {
-	case err := <-serveErr:
+	stopped := make(chan error, 1)
+	stop := context.AfterFunc(ctx, func() { stopped <- p.shutdown(srv) })
+	defer stop()
+	err = srv.Serve(&limitListener{Listener: ln, open: map[string]int{},
+		refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
+	if !errors.Is(err, http.ErrServerClosed) {
 		return err
-	case <-ctx.Done():
 	}
-	return p.shutdown(srv)
+	return <-stopped
 }
 
 // proxy is the HTTP handler.
@@ -143,13 +143,13 @@ type proxy struct {
 	health *httputil.ReverseProxy
 	log    *slog.Logger
 
-	draining, released, stopping     chan struct{}
-	drainOnce, releaseOnce, stopOnce sync.Once
-	lastHealth                       atomic.Int64   // last status, or -1 for an error
-	waiters                          sync.WaitGroup // GET /drain on connections taken from the server
-	drainLog                         *quietLog      // GET /drain may come from anyone who reaches the port
-	state                            *drainState
-	metrics                          http.Handler // GET /metrics; nil: not served
+	draining, released, stopping chan struct{}
+	drainOnce, releaseOnce       sync.Once
+	lastHealth                   atomic.Int64   // last status, or -1 for an error
+	waiters                      sync.WaitGroup // GET /drain on connections taken from the server
+	drainLog                     *quietLog      // GET /drain may come from anyone who reaches the port
+	state                        *drainState
+	metrics                      http.Handler // GET /metrics; nil: not served
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -171,7 +171,7 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 			pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
 			pr.Out.Body, pr.Out.ContentLength = nil, 0
 		},
-		Transport:      withoutTrace{transport},
+		Transport:      healthTransport{transport, cfg.healthTimeout},
 		ModifyResponse: p.passStatus,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			p.noteHealth(-1, err)
@@ -180,19 +180,6 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
 	return p
-}
-
-// newHealthTransport asks the app with no idle connection: one kept open to
-// the app's port would be counted by the stopper as a live call.
-func newHealthTransport(timeout time.Duration) *http.Transport {
-	return &http.Transport{
-		Proxy:                  nil, // never through HTTP_PROXY: the app is local
-		DialContext:            (&net.Dialer{Timeout: timeout}).DialContext,
-		DisableKeepAlives:      true,
-		TLSHandshakeTimeout:    timeout,
-		ResponseHeaderTimeout:  timeout,
-		MaxResponseHeaderBytes: 16 << 10,
-	}
 }
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -207,9 +194,7 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case p.isDraining():
 		http.Error(w, "draining", http.StatusServiceUnavailable)
 	default:
-		ctx, cancel := context.WithTimeout(r.Context(), p.cfg.healthTimeout)
-		defer cancel()
-		p.health.ServeHTTP(w, r.WithContext(ctx))
+		p.health.ServeHTTP(w, r)
 	}
 }
 
@@ -226,11 +211,7 @@ func (p *proxy) isDraining() bool {
 // body: any other header (a Location) could send the kubelet elsewhere.
 func (p *proxy) passStatus(resp *http.Response) error {
 	p.noteHealth(resp.StatusCode, nil)
-	contentType := resp.Header.Get("Content-Type")
-	resp.Header = http.Header{}
-	if contentType != "" {
-		resp.Header.Set("Content-Type", contentType)
-	}
+	resp.Header = http.Header{"Content-Type": resp.Header.Values("Content-Type")}
 	resp.Trailer = nil
 	resp.ContentLength = -1
 	resp.Body = struct {
@@ -240,21 +221,19 @@ func (p *proxy) passStatus(resp *http.Response) error {
 	return nil
 }
 
-// withoutTrace drops the probe's context values but keeps its deadline and
-// cancellation: ReverseProxy puts a client trace there that would copy the
-// app's 1xx responses, with their headers, to the kubelet.
-type withoutTrace struct{ http.RoundTripper }
-
-func (t withoutTrace) RoundTrip(r *http.Request) (*http.Response, error) {
-	return t.RoundTripper.RoundTrip(r.WithContext(cancelOnly{r.Context()}))
+// healthTransport asks the app within timeout, under a context that ends with
+// the probe's but holds none of its values: ReverseProxy puts a client trace
+// there that would copy the app's 1xx responses, with their headers, to the kubelet.
+type healthTransport struct {
+	http.RoundTripper
+	timeout time.Duration
 }
 
-type cancelOnly struct{ parent context.Context }
-
-func (c cancelOnly) Deadline() (time.Time, bool) { return c.parent.Deadline() }
-func (c cancelOnly) Done() <-chan struct{}       { return c.parent.Done() }
-func (c cancelOnly) Err() error                  { return c.parent.Err() }
-func (c cancelOnly) Value(any) any               { return nil }
+func (t healthTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), t.timeout)
+	context.AfterFunc(r.Context(), cancel)
+	return t.RoundTripper.RoundTrip(r.WithContext(ctx))
+}
 
 // noteHealth logs when the app's verdict changes, not on every probe.
 func (p *proxy) noteHealth(status int, err error) {
@@ -294,13 +273,12 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	defer p.updateState(func() { p.state.waiters-- })
 	defer conn.Close()
 	conn.SetDeadline(time.Time{})
-	gone, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	gone := make(chan struct{})
 	go func() {
 		// Any end of the client's side, or more than a few bytes, means it no
 		// longer waits.
 		io.CopyN(io.Discard, conn, 4<<10)
-		cancel()
+		close(gone)
 	}()
 	p.drainLog.event("waiting", "app preStop waiting", "remote", r.RemoteAddr)
 	reason := p.awaitRelease(gone)
@@ -318,13 +296,11 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(conn, head+body)
 }
 
-func (p *proxy) awaitRelease(ctx context.Context) string {
+func (p *proxy) awaitRelease(gone <-chan struct{}) string {
 	draining := p.draining
 	var noDrain <-chan time.Time
 	if p.cfg.drainStartWait > 0 {
-		t := time.NewTimer(p.cfg.drainStartWait)
-		defer t.Stop()
-		noDrain = t.C
+		noDrain = time.After(p.cfg.drainStartWait)
 	}
 	for {
 		select {
@@ -332,7 +308,7 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 			return "stopper is done with the app"
 		case <-p.stopping:
 			return "proxy is shutting down"
-		case <-ctx.Done():
+		case <-gone:
 			return ""
 		case <-draining:
 			draining, noDrain = nil, nil
@@ -344,32 +320,16 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 
 // shutdown releases waiting preStops and stops serving within 5 s.
 func (p *proxy) shutdown(srv *http.Server) error {
-	p.stopOnce.Do(func() { close(p.stopping) })
+	close(p.stopping)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err := srv.Shutdown(ctx)
 	// The server does not wait for the connections GET /drain took over.
-	answered := make(chan struct{})
-	go func() { p.waiters.Wait(); close(answered) }()
-	select {
-	case <-answered:
-	case <-ctx.Done():
-	}
+	go func() { p.waiters.Wait(); cancel() }()
+	<-ctx.Done()
 	p.log.Info("proxy stopped")
 	if errors.Is(err, context.DeadlineExceeded) {
 		return nil
 	}
 	return err
-}
-
-// lockedWriter keeps the proxy's log lines and the copied pipe lines whole.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
