@@ -1,6 +1,5 @@
-// proxy.go is the readiness proxy: it passes the app's health verdict to the
-// kubelet until the stopper says the pod is draining, then answers 503, and it
-// holds the app's preStop (GET /drain) until the stopper is done.
+// proxy.go is the readiness proxy: the app's health verdict until the pod
+// drains, then 503; and GET /drain, the app's preStop, held until the stopper is done.
 
 package main
 
@@ -18,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,9 +25,8 @@ import (
 const proxyHelp = `usage: wsdrain proxy [flags]
 
 Answers the readinessProbe with the status of --health-url until the stopper
-writes "drain" to --fifo, then 503. GET /drain (the app's preStop) answers once
-the stopper is done; GET /metrics serves the count and state. At most 256
-connections, 32 per address; the drain state is kept beside --fifo.
+writes "drain" to --fifo, then 503; holds GET /drain (the app's preStop) until
+the stopper is done; serves /metrics. At most 256 connections, 32 per address.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
@@ -52,7 +49,7 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	listen := fs.String("listen", ":8081", "the `address` to serve probes on")
 	health := fs.String("health-url", "http://127.0.0.1:8080/healthz", "the app's health endpoint, the only `URL` the proxy ever asks")
-	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the drain `pipe`, created (mode 0600) if missing; on an emptyDir that only the sidecar mounts")
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the drain `pipe`, created (mode 0600) if missing, with the drain state beside it; on an emptyDir that only the sidecar mounts")
 	timeout := durationFlag{d: 800 * time.Millisecond}
 	startWait := durationFlag{d: 30 * time.Second, allowZero: true}
 	fs.Var(&timeout, "health-timeout", "wait this `duration` at most for the app's answer; below the kubelet's 1s probe timeout")
@@ -70,7 +67,7 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", *health)}
 	}
 	_, port, err := net.SplitHostPort(*listen)
-	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+	if err != nil || new(portFlag).Set(port) != nil {
 		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --listen: want HOST:PORT or :PORT with a port from 1 to 65535", *listen)}
 	}
 	if *fifo == "" {
@@ -79,9 +76,8 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	return proxyConfig{calls: c, listen: *listen, healthURL: u, fifo: *fifo, healthTimeout: timeout.d, drainStartWait: startWait.d}, nil
 }
 
-// runProxy serves until ctx is cancelled (SIGTERM), then releases any
-// waiting preStop and shuts down within a few seconds. Its log and the lines
-// copied from the pipe go to stdout, one Write each: os.Stdout serialises them.
+// runProxy serves until ctx ends (SIGTERM), then stops as shutdown says. Its log
+// and the pipe's lines share stdout: one Write a line, which os.Stdout serialises.
 func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg, err := parseProxyFlags(args, stdout)
 	if err != nil {
@@ -106,11 +102,8 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	// No idle connection: one kept open to the app's port would count as a
 	// live call. Proxy is unset: never through HTTP_PROXY, the app is local.
 	p := newProxy(cfg, &http.Transport{DisableKeepAlives: true, MaxResponseHeaderBytes: 16 << 10}, logger)
-	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
-	p.metrics = newProxyMetrics(cfg, p, logger)
 	go func() {
-		// The pipe is closed only at shutdown; any other end means no drain
-		// can arrive any more, which a person must hear about.
+		// The pipe is closed only at shutdown: any other end means no drain can come.
 		if err := readFIFO(pipe, p.pipeMessage(stdout)); !errors.Is(err, os.ErrClosed) {
 			logger.Error("drain pipe stopped working: the stopper can no longer drain this pod", "err", err)
 		}
@@ -124,8 +117,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		// No WriteTimeout: GET /drain legitimately waits for minutes.
 	}
-	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
-		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
+	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(), "health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
 	stopped := make(chan error, 1)
 	stop := context.AfterFunc(ctx, func() { stopped <- p.shutdown(srv) })
 	defer stop()
@@ -139,17 +131,16 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 
 // proxy is the HTTP handler.
 type proxy struct {
-	cfg    proxyConfig
-	health *httputil.ReverseProxy
-	log    *slog.Logger
-
+	cfg                          proxyConfig
+	health                       *httputil.ReverseProxy
+	log                          *slog.Logger
 	draining, released, stopping chan struct{}
 	drainOnce, releaseOnce       sync.Once
 	lastHealth                   atomic.Int64   // last status, or -1 for an error
 	waiters                      sync.WaitGroup // GET /drain on connections taken from the server
 	drainLog                     *quietLog      // GET /drain may come from anyone who reaches the port
 	state                        *drainState
-	metrics                      http.Handler // GET /metrics; nil: not served
+	metrics                      http.Handler // GET /metrics
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -160,7 +151,6 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		released: make(chan struct{}),
 		stopping: make(chan struct{}),
 		drainLog: &quietLog{log: logger.Info, summary: "app preStop: more"},
-		state:    &drainState{},
 	}
 	p.health = &httputil.ReverseProxy{
 		// Every request goes to the one health URL, whatever its path, query
@@ -179,12 +169,14 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		},
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
+	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
+	p.metrics = newProxyMetrics(cfg, p, logger)
 	return p
 }
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
-	case r.URL.Path == "/metrics" && p.metrics != nil:
+	case r.URL.Path == "/metrics":
 		p.metrics.ServeHTTP(w, r)
 	case r.Method != http.MethodGet && r.Method != http.MethodHead:
 		w.Header().Set("Allow", "GET, HEAD")
@@ -212,8 +204,7 @@ func (p *proxy) isDraining() bool {
 func (p *proxy) passStatus(resp *http.Response) error {
 	p.noteHealth(resp.StatusCode, nil)
 	resp.Header = http.Header{"Content-Type": resp.Header.Values("Content-Type")}
-	resp.Trailer = nil
-	resp.ContentLength = -1
+	resp.Trailer, resp.ContentLength = nil, -1
 	resp.Body = struct {
 		io.Reader
 		io.Closer
@@ -221,9 +212,8 @@ func (p *proxy) passStatus(resp *http.Response) error {
 	return nil
 }
 
-// healthTransport asks the app within timeout, under a context that ends with
-// the probe's but holds none of its values: ReverseProxy puts a client trace
-// there that would copy the app's 1xx responses, with their headers, to the kubelet.
+// healthTransport bounds the app's answer by timeout and drops the probe's
+// context values: ReverseProxy's client trace there would relay 1xx headers.
 type healthTransport struct {
 	http.RoundTripper
 	timeout time.Duration
