@@ -1,11 +1,9 @@
-// Wsdrain lets a Kubernetes pod that holds long-lived WebSocket (or any TCP)
-// connections terminate only after its last call has ended, without changing
-// the app. In a sidecar, "wsdrain proxy" answers the app's readiness probe with
-// the app's health until the pod drains, then 503, and holds the app's preStop
-// (GET /drain). "wsdrain stopper", the sidecar's preStop, starts the drain,
-// waits until no ESTABLISHED connection is left on the app's port, then
-// releases the app's preStop and, in a shared PID namespace, signals the app's
-// server itself, past wrappers that swallow SIGTERM. "wsdrain count" counts.
+// Wsdrain lets a Kubernetes pod holding long-lived WebSocket (or any TCP)
+// connections end only after its last call, without changing the app. In a
+// sidecar, "wsdrain proxy" answers the readiness probe with the app's health
+// until the pod drains, then 503, and holds the app's preStop (GET /drain);
+// "wsdrain stopper", the sidecar's preStop, drains, waits for no ESTABLISHED
+// connection on the app's port, then releases the preStop and signals the app.
 package main
 
 import (
@@ -51,11 +49,10 @@ func exitCode(err error, stderr io.Writer) int {
 		return 0
 	}
 	fmt.Fprintf(stderr, "wsdrain: %v\n", err)
-	var he hintError
-	if errors.As(err, &he) {
+	if he, ok := errors.AsType[hintError](err); ok {
 		fmt.Fprintf(stderr, "hint: %s\n", he.hint)
 	}
-	if errors.As(err, new(usageError)) {
+	if _, ok := errors.AsType[usageError](err); ok {
 		return 2
 	}
 	return 1
@@ -236,8 +233,7 @@ type hintError struct {
 	hint string
 }
 
-// parseFlags parses args with fs, whose own output is silenced so that an
-// error is one line. A -h prints the mode's help and flags (--flag) to out.
+// parseFlags parses args quietly, so that an error is one line; -h prints the help and flags.
 func parseFlags(fs *flag.FlagSet, help string, args []string, out io.Writer) error {
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
@@ -253,16 +249,14 @@ func parseFlags(fs *flag.FlagSet, help string, args []string, out io.Writer) err
 		return err
 	}
 	if err != nil {
-		return usageError{fmt.Errorf("%s: %s", fs.Name(), dashes.Replace(err.Error()))}
+		dashes := strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --")
+		return usageError{fmt.Errorf("%s: %s", fs.Name(), dashes.Replace(err.Error()))} // --flag, as everywhere
 	}
 	if fs.NArg() > 0 {
 		return usageError{fmt.Errorf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
 	}
 	return nil
 }
-
-// dashes spells the flag package's flags as wsdrain does everywhere: --flag.
-var dashes = strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --")
 
 // portFlag is a TCP port: 1–65535, checked when it is parsed.
 type portFlag uint16
