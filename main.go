@@ -22,8 +22,7 @@ import (
 	"time"
 )
 
-// version is stamped at link time: -ldflags "-X main.version=v1.2.3".
-var version = ""
+var version string // stamped at link time: -ldflags "-X main.version=v1.2.3"
 
 const usage = `wsdrain: drain a pod's long-lived connections before it stops
 
