@@ -223,8 +223,7 @@ func parsePeer(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
-// usageError marks a mistake in the command line: exit status 2.
-type usageError struct{ error }
+type usageError struct{ error } // a mistake in the command line: exit status 2
 
 // hintError carries a line telling the user what to change.
 type hintError struct {
