@@ -1,13 +1,9 @@
-// Wsdrain lets a Kubernetes pod that holds long-lived WebSocket (or any TCP)
-// connections terminate only after its last call has ended, without changing
-// the app. It runs as a sidecar: "wsdrain proxy" answers the app's readiness
-// probe with the app's health until the pod drains, then with 503, and holds
-// the app's preStop (GET /drain); "wsdrain stopper", the sidecar's preStop,
-// starts the drain through a pipe, counts the ESTABLISHED connections on the
-// app's port, and at zero releases the app's preStop, so that the kubelet
-// stops the app, and in a shared PID namespace signals the app's server
-// itself, past wrappers that swallow SIGTERM. "wsdrain count" prints the
-// count, "wsdrain version" the build.
+// Wsdrain lets a Kubernetes pod holding long-lived WebSocket (or any TCP)
+// connections end only after its last call, without changing the app. In a
+// sidecar, "wsdrain proxy" answers the readiness probe with the app's health
+// until the pod drains, then 503, and holds the app's preStop (GET /drain);
+// "wsdrain stopper", the sidecar's preStop, drains, waits for no ESTABLISHED
+// connection on the app's port, then releases the preStop and signals the app.
 package main
 
 import (
@@ -17,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -27,8 +22,7 @@ import (
 	"time"
 )
 
-// version is stamped at link time: -ldflags "-X main.version=v1.2.3".
-var version = ""
+var version string // stamped at link time: -ldflags "-X main.version=v1.2.3"
 
 const usage = `wsdrain: drain a pod's long-lived connections before it stops
 
@@ -50,16 +44,14 @@ func main() {
 
 // exitCode prints err the way a person reads it and maps it to 0, 1 or 2.
 func exitCode(err error, stderr io.Writer) int {
-	if err == nil {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
 	fmt.Fprintf(stderr, "wsdrain: %v\n", err)
-	var he hintError
-	if errors.As(err, &he) {
+	if he, ok := errors.AsType[hintError](err); ok {
 		fmt.Fprintf(stderr, "hint: %s\n", he.hint)
 	}
-	var ue usageError
-	if errors.As(err, &ue) {
+	if _, ok := errors.AsType[usageError](err); ok {
 		return 2
 	}
 	return 1
@@ -71,25 +63,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stderr, usage)
 		return usageError{errors.New("no mode given")}
 	}
-	var err error
 	switch mode, rest := args[0], args[1:]; mode {
 	case "proxy":
-		err = runProxy(ctx, rest, stdout)
+		return runProxy(ctx, rest, stdout)
 	case "stopper":
-		err = runStopper(ctx, rest, stdout, stderr)
+		return runStopper(ctx, rest, stdout, stderr)
 	case "count":
-		err = runCount(rest, stdout, stderr)
+		return runCount(rest, stdout, stderr)
 	case "version":
-		fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
+		_, err := fmt.Fprintf(stdout, "wsdrain %s\n", buildVersion())
+		return err
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
-	default:
-		err = usageError{fmt.Errorf("unknown mode %q (want proxy, stopper, count or version)", mode)}
+		return flag.ErrHelp
 	}
-	if errors.Is(err, errHelp) {
-		return nil
-	}
-	return err
+	return usageError{fmt.Errorf("unknown mode %q (want proxy, stopper, count or version)", args[0])}
 }
 
 const stopperHelp = `usage: wsdrain stopper [flags]
@@ -235,57 +223,38 @@ func parsePeer(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
-// usageError marks a mistake in the command line: exit status 2.
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
+type usageError struct{ error } // a mistake in the command line: exit status 2
 
 // hintError carries a line telling the user what to change.
 type hintError struct {
-	err  error
+	error
 	hint string
 }
 
-func (e hintError) Error() string { return e.err.Error() }
-func (e hintError) Unwrap() error { return e.err }
-
-// parseFlags parses args with fs, whose own output is silenced so that an
-// error is one line. A -h prints the mode's help to out and returns errHelp.
+// parseFlags parses args quietly, so that an error is one line; -h prints the help and flags.
 func parseFlags(fs *flag.FlagSet, help string, args []string, out io.Writer) error {
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprint(out, help)
-		printFlags(out, fs)
-		return errHelp
+		fmt.Fprint(out, help, "\nflags:\n")
+		fs.VisitAll(func(f *flag.Flag) {
+			arg, usage := flag.UnquoteUsage(f)
+			if f.DefValue != "" && f.DefValue != "0s" && f.DefValue != "[]" {
+				usage += " (default " + f.DefValue + ")"
+			}
+			fmt.Fprintf(out, "  --%s %s\n      %s\n", f.Name, arg, usage)
+		})
+		return err
 	}
 	if err != nil {
-		return usageError{fmt.Errorf("%s: %s", fs.Name(), dashes.Replace(err.Error()))}
+		dashes := strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --")
+		return usageError{fmt.Errorf("%s: %s", fs.Name(), dashes.Replace(err.Error()))} // --flag, as everywhere
 	}
 	if fs.NArg() > 0 {
 		return usageError{fmt.Errorf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
 	}
 	return nil
 }
-
-// dashes spells the flag package's flags as wsdrain does everywhere: --flag.
-var dashes = strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --")
-
-// printFlags lists fs's flags with their usage and defaults.
-func printFlags(out io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintln(out, "\nflags:")
-	fs.VisitAll(func(f *flag.Flag) {
-		arg, usage := flag.UnquoteUsage(f)
-		if f.DefValue != "" && f.DefValue != "0s" && f.DefValue != "[]" {
-			usage += " (default " + f.DefValue + ")"
-		}
-		fmt.Fprintf(out, "  --%s %s\n      %s\n", f.Name, arg, usage)
-	})
-}
-
-// errHelp ends a mode after it printed its help; run turns it into success.
-var errHelp = errors.New("help requested")
 
 // portFlag is a TCP port: 1–65535, checked when it is parsed.
 type portFlag uint16
@@ -301,8 +270,7 @@ func (p *portFlag) Set(s string) error {
 	return nil
 }
 
-// durationFlag is a time.Duration that refuses negative values, and zero
-// unless allowZero is set.
+// durationFlag is a time.Duration that refuses negative values, and zero unless allowZero.
 type durationFlag struct {
 	d         time.Duration
 	allowZero bool
@@ -324,15 +292,6 @@ func (f *durationFlag) Set(s string) error {
 	return nil
 }
 
-// parseHealthURL accepts only an absolute http or https URL with a host.
-func parseHealthURL(s string) (*url.URL, error) {
-	u, err := url.Parse(s)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", s)}
-	}
-	return u, nil
-}
-
 // buildVersion is the stamped version, else what the Go toolchain recorded.
 func buildVersion() string {
 	if version != "" {
@@ -346,14 +305,11 @@ func buildVersion() string {
 
 const countHelp = `usage: wsdrain count [flags]
 
-Prints the number of calls: ESTABLISHED connections whose local port is
---target-port, in this network namespace, less those the --ignore flags leave
-out. Run it in the sidecar to see the live calls.
+Prints the calls: ESTABLISHED connections whose local port is --target-port,
+in this network namespace, less those the --ignore flags leave out.
 
 example:
   kubectl exec POD -c wsdrain -- /wsdrain count --target-port 8080 --ignore-peer 10.0.5.7
-
-exit status: 0 printed, 1 the socket tables could not be read, 2 bad usage.
 `
 
 func runCount(args []string, stdout, stderr io.Writer) error {
@@ -366,8 +322,7 @@ func runCount(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	warn := func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) }
-	src, err := openSource(c, warn)
+	src, err := openSource(c, func(msg string, err error) { fmt.Fprintf(stderr, "wsdrain: %s: %v\n", msg, err) })
 	if err != nil {
 		return fmt.Errorf("count: %w", err)
 	}

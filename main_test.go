@@ -47,6 +47,8 @@ func TestCommandLine(t *testing.T) {
 	}{
 		{"no mode prints usage", nil, 2, "", "usage:"},
 		{"help names every mode", []string{"-h"}, 0, "wsdrain count", ""},
+		{"--help too", []string{"--help"}, 0, "wsdrain proxy", ""},
+		{"help too", []string{"help"}, 0, "wsdrain stopper", ""},
 		{"unknown mode", []string{"drain"}, 2, "", `unknown mode "drain"`},
 		{"version", []string{"version"}, 0, "wsdrain ", ""},
 		{"mode help", []string{"stopper", "-h"}, 0, "--min-drain", ""},
@@ -147,9 +149,7 @@ func TestParsePeer(t *testing.T) {
 }
 
 // TestExclusionFlagsUsage: every mistake in the new flags is a one-line
-
 // usage error (exit 2) that names the flag, in each mode that counts.
-
 func TestExclusionFlagsUsage(t *testing.T) {
 	fifo := filepath.Join(t.TempDir(), "fifo")
 	tests := []struct {
@@ -192,6 +192,35 @@ func TestTooManyPeers(t *testing.T) {
 	}
 }
 
-// peerExclusions leaves out the given networks.
-
-// callsOf is src's count of calls, with ex left out.
+// TestModeHelp: -h and --help print a mode's synopsis, its example and every
+// flag, spelled --flag, to stdout, and exit 0.
+func TestModeHelp(t *testing.T) {
+	callFlags := []string{"--target-port", "--source", "--ignore-peer", "--ignore-idle"}
+	modes := map[string][]string{
+		"proxy":   append([]string{"--listen", "--health-url", "--fifo", "--health-timeout", "--drain-start-wait"}, callFlags...),
+		"stopper": append([]string{"--fifo", "--interval", "--min-drain", "--timeout", "--exit-wait", "--signal"}, callFlags...),
+		"count":   callFlags,
+	}
+	for mode, flags := range modes {
+		for _, h := range []string{"-h", "--help"} {
+			t.Run(mode+"/"+h, func(t *testing.T) {
+				var stdout, stderr bytes.Buffer
+				code := exitCode(run(t.Context(), []string{mode, h}, &stdout, &stderr), &stderr)
+				if code != 0 || stderr.Len() != 0 {
+					t.Fatalf("exit %d, stderr %q; want 0 and nothing", code, stderr.String())
+				}
+				out := stdout.String()
+				for _, want := range append([]string{"usage: wsdrain " + mode + " [flags]", "example:", "(default "}, flags...) {
+					if !strings.Contains(out, want) {
+						t.Errorf("help lacks %q:\n%s", want, out)
+					}
+				}
+				for _, line := range strings.Split(out, "\n") {
+					if strings.HasPrefix(line, "  -") && !strings.HasPrefix(line, "  --") {
+						t.Errorf("a flag spelled with one dash: %q", line)
+					}
+				}
+			})
+		}
+	}
+}

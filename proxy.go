@@ -1,6 +1,5 @@
-// proxy.go is the readiness proxy: it passes the app's health verdict to the
-// kubelet until the stopper says the pod is draining, then answers 503, and it
-// holds the app's preStop (GET /drain) until the stopper is done.
+// proxy.go is the readiness proxy: the app's health verdict until the pod
+// drains, then 503; and GET /drain, the app's preStop, held until the stopper is done.
 
 package main
 
@@ -18,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,9 +25,8 @@ import (
 const proxyHelp = `usage: wsdrain proxy [flags]
 
 Answers the readinessProbe with the status of --health-url until the stopper
-writes "drain" to --fifo, then 503. GET /drain (the app's preStop) answers once
-the stopper is done; GET /metrics serves the count and state. At most 256
-connections, 32 per address; the drain state is kept beside --fifo.
+writes "drain" to --fifo, then 503; holds GET /drain (the app's preStop) until
+the stopper is done; serves /metrics. At most 256 connections, 32 per address.
 
 example:
   wsdrain proxy --listen :8081 --health-url http://127.0.0.1:8080/healthz --fifo /run/wsdrain/drain.fifo
@@ -52,7 +49,7 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	listen := fs.String("listen", ":8081", "the `address` to serve probes on")
 	health := fs.String("health-url", "http://127.0.0.1:8080/healthz", "the app's health endpoint, the only `URL` the proxy ever asks")
-	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the drain `pipe`, created (mode 0600) if missing; on an emptyDir that only the sidecar mounts")
+	fifo := fs.String("fifo", "/run/wsdrain/drain.fifo", "the drain `pipe`, created (mode 0600) if missing, with the drain state beside it; on an emptyDir that only the sidecar mounts")
 	timeout := durationFlag{d: 800 * time.Millisecond}
 	startWait := durationFlag{d: 30 * time.Second, allowZero: true}
 	fs.Var(&timeout, "health-timeout", "wait this `duration` at most for the app's answer; below the kubelet's 1s probe timeout")
@@ -65,12 +62,12 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	if err != nil {
 		return proxyConfig{}, err
 	}
-	u, err := parseHealthURL(*health)
-	if err != nil {
-		return proxyConfig{}, err
+	u, err := url.Parse(*health)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --health-url: want an absolute http(s) URL such as http://127.0.0.1:8080/healthz", *health)}
 	}
 	_, port, err := net.SplitHostPort(*listen)
-	if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+	if err != nil || new(portFlag).Set(port) != nil {
 		return proxyConfig{}, usageError{fmt.Errorf("proxy: invalid value %q for flag --listen: want HOST:PORT or :PORT with a port from 1 to 65535", *listen)}
 	}
 	if *fifo == "" {
@@ -79,8 +76,8 @@ func parseProxyFlags(args []string, stdout io.Writer) (proxyConfig, error) {
 	return proxyConfig{calls: c, listen: *listen, healthURL: u, fifo: *fifo, healthTimeout: timeout.d, drainStartWait: startWait.d}, nil
 }
 
-// runProxy serves until ctx is cancelled (SIGTERM), then releases any
-// waiting preStop and shuts down within a few seconds.
+// runProxy serves until ctx ends (SIGTERM), then stops as shutdown says. Its log
+// and the pipe's lines share stdout: one Write a line, which os.Stdout serialises.
 func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg, err := parseProxyFlags(args, stdout)
 	if err != nil {
@@ -89,8 +86,7 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(defaultMemoryLimit)
 	}
-	out := &lockedWriter{w: stdout}
-	logger := slog.New(slog.NewTextHandler(out, nil))
+	logger := slog.New(slog.NewTextHandler(stdout, nil))
 	if err := ensureFIFO(cfg.fifo); err != nil {
 		return err
 	}
@@ -103,13 +99,12 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	p := newProxy(cfg, newHealthTransport(cfg.healthTimeout), logger)
-	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
-	p.metrics = newProxyMetrics(cfg, p, logger)
+	// No idle connection: one kept open to the app's port would count as a
+	// live call. Proxy is unset: never through HTTP_PROXY, the app is local.
+	p := newProxy(cfg, &http.Transport{DisableKeepAlives: true, MaxResponseHeaderBytes: 16 << 10}, logger)
 	go func() {
-		// The pipe is closed only at shutdown; any other end means no drain
-		// can arrive any more, which a person must hear about.
-		if err := readFIFO(pipe, p.pipeMessage(out)); !errors.Is(err, os.ErrClosed) {
+		// The pipe is closed only at shutdown: any other end means no drain can come.
+		if err := readFIFO(pipe, p.pipeMessage(stdout)); !errors.Is(err, os.ErrClosed) {
 			logger.Error("drain pipe stopped working: the stopper can no longer drain this pod", "err", err)
 		}
 	}()
@@ -122,34 +117,30 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		// No WriteTimeout: GET /drain legitimately waits for minutes.
 	}
-	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(),
-		"health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
-	serveErr := make(chan error, 1)
-	go func() {
-		serveErr <- srv.Serve(&limitListener{Listener: ln, open: map[string][]*limitedConn{},
-			refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
-	}()
-	select {
-	case err := <-serveErr:
+	logger.Info("proxy started", "version", buildVersion(), "listen", ln.Addr().String(), "health_url", cfg.healthURL.String(), "fifo", cfg.fifo)
+	stopped := make(chan error, 1)
+	stop := context.AfterFunc(ctx, func() { stopped <- p.shutdown(srv) })
+	defer stop()
+	err = srv.Serve(&limitListener{Listener: ln, open: map[string][]*limitedConn{},
+		refused: &quietLog{log: logger.Warn, summary: "connections closed at once: more"}})
+	if !errors.Is(err, http.ErrServerClosed) {
 		return err
-	case <-ctx.Done():
 	}
-	return p.shutdown(srv)
+	return <-stopped
 }
 
 // proxy is the HTTP handler.
 type proxy struct {
-	cfg    proxyConfig
-	health *httputil.ReverseProxy
-	log    *slog.Logger
-
-	draining, released, stopping     chan struct{}
-	drainOnce, releaseOnce, stopOnce sync.Once
-	lastHealth                       atomic.Int64   // last status, or -1 for an error
-	waiters                          sync.WaitGroup // GET /drain on connections taken from the server
-	drainLog                         *quietLog      // GET /drain may come from anyone who reaches the port
-	state                            *drainState
-	metrics                          http.Handler // GET /metrics; nil: not served
+	cfg                          proxyConfig
+	health                       *httputil.ReverseProxy
+	log                          *slog.Logger
+	draining, released, stopping chan struct{}
+	drainOnce, releaseOnce       sync.Once
+	lastHealth                   atomic.Int64   // last status, or -1 for an error
+	waiters                      sync.WaitGroup // GET /drain on connections taken from the server
+	drainLog                     *quietLog      // GET /drain may come from anyone who reaches the port
+	state                        *drainState
+	metrics                      http.Handler // GET /metrics
 }
 
 func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger) *proxy {
@@ -160,7 +151,6 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		released: make(chan struct{}),
 		stopping: make(chan struct{}),
 		drainLog: &quietLog{log: logger.Info, summary: "app preStop: more"},
-		state:    &drainState{},
 	}
 	p.health = &httputil.ReverseProxy{
 		// Every request goes to the one health URL, whatever its path, query
@@ -171,7 +161,7 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 			pr.Out.Header = http.Header{"User-Agent": {"wsdrain/" + buildVersion()}}
 			pr.Out.Body, pr.Out.ContentLength = nil, 0
 		},
-		Transport:      withoutTrace{transport},
+		Transport:      healthTransport{transport, cfg.healthTimeout},
 		ModifyResponse: p.passStatus,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			p.noteHealth(-1, err)
@@ -179,25 +169,14 @@ func newProxy(cfg proxyConfig, transport http.RoundTripper, logger *slog.Logger)
 		},
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
+	p.resume(filepath.Join(filepath.Dir(cfg.fifo), "wsdrain.state"))
+	p.metrics = newProxyMetrics(cfg, p, logger)
 	return p
-}
-
-// newHealthTransport asks the app with no idle connection: one kept open to
-// the app's port would be counted by the stopper as a live call.
-func newHealthTransport(timeout time.Duration) *http.Transport {
-	return &http.Transport{
-		Proxy:                  nil, // never through HTTP_PROXY: the app is local
-		DialContext:            (&net.Dialer{Timeout: timeout}).DialContext,
-		DisableKeepAlives:      true,
-		TLSHandshakeTimeout:    timeout,
-		ResponseHeaderTimeout:  timeout,
-		MaxResponseHeaderBytes: 16 << 10,
-	}
 }
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
-	case r.URL.Path == "/metrics" && p.metrics != nil:
+	case r.URL.Path == "/metrics":
 		p.metrics.ServeHTTP(w, r)
 	case r.Method != http.MethodGet && r.Method != http.MethodHead:
 		w.Header().Set("Allow", "GET, HEAD")
@@ -207,9 +186,7 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case p.isDraining():
 		http.Error(w, "draining", http.StatusServiceUnavailable)
 	default:
-		ctx, cancel := context.WithTimeout(r.Context(), p.cfg.healthTimeout)
-		defer cancel()
-		p.health.ServeHTTP(w, r.WithContext(ctx))
+		p.health.ServeHTTP(w, r)
 	}
 }
 
@@ -226,13 +203,8 @@ func (p *proxy) isDraining() bool {
 // body: any other header (a Location) could send the kubelet elsewhere.
 func (p *proxy) passStatus(resp *http.Response) error {
 	p.noteHealth(resp.StatusCode, nil)
-	contentType := resp.Header.Get("Content-Type")
-	resp.Header = http.Header{}
-	if contentType != "" {
-		resp.Header.Set("Content-Type", contentType)
-	}
-	resp.Trailer = nil
-	resp.ContentLength = -1
+	resp.Header = http.Header{"Content-Type": resp.Header.Values("Content-Type")}
+	resp.Trailer, resp.ContentLength = nil, -1
 	resp.Body = struct {
 		io.Reader
 		io.Closer
@@ -240,21 +212,18 @@ func (p *proxy) passStatus(resp *http.Response) error {
 	return nil
 }
 
-// withoutTrace drops the probe's context values but keeps its deadline and
-// cancellation: ReverseProxy puts a client trace there that would copy the
-// app's 1xx responses, with their headers, to the kubelet.
-type withoutTrace struct{ http.RoundTripper }
-
-func (t withoutTrace) RoundTrip(r *http.Request) (*http.Response, error) {
-	return t.RoundTripper.RoundTrip(r.WithContext(cancelOnly{r.Context()}))
+// healthTransport bounds the app's answer by timeout and drops the probe's
+// context values: ReverseProxy's client trace there would relay 1xx headers.
+type healthTransport struct {
+	http.RoundTripper
+	timeout time.Duration
 }
 
-type cancelOnly struct{ parent context.Context }
-
-func (c cancelOnly) Deadline() (time.Time, bool) { return c.parent.Deadline() }
-func (c cancelOnly) Done() <-chan struct{}       { return c.parent.Done() }
-func (c cancelOnly) Err() error                  { return c.parent.Err() }
-func (c cancelOnly) Value(any) any               { return nil }
+func (t healthTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), t.timeout)
+	context.AfterFunc(r.Context(), cancel)
+	return t.RoundTripper.RoundTrip(r.WithContext(ctx))
+}
 
 // noteHealth logs when the app's verdict changes, not on every probe.
 func (p *proxy) noteHealth(status int, err error) {
@@ -294,13 +263,12 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	defer p.updateState(func() { p.state.waiters-- })
 	defer conn.Close()
 	conn.SetDeadline(time.Time{})
-	gone, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	gone := make(chan struct{})
 	go func() {
 		// Any end of the client's side, or more than a few bytes, means it no
 		// longer waits.
 		io.CopyN(io.Discard, conn, 4<<10)
-		cancel()
+		close(gone)
 	}()
 	p.drainLog.event("waiting", "app preStop waiting", "remote", r.RemoteAddr)
 	reason := p.awaitRelease(gone)
@@ -318,13 +286,11 @@ func (p *proxy) waitForRelease(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(conn, head+body)
 }
 
-func (p *proxy) awaitRelease(ctx context.Context) string {
+func (p *proxy) awaitRelease(gone <-chan struct{}) string {
 	draining := p.draining
 	var noDrain <-chan time.Time
 	if p.cfg.drainStartWait > 0 {
-		t := time.NewTimer(p.cfg.drainStartWait)
-		defer t.Stop()
-		noDrain = t.C
+		noDrain = time.After(p.cfg.drainStartWait)
 	}
 	for {
 		select {
@@ -332,7 +298,7 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 			return "stopper is done with the app"
 		case <-p.stopping:
 			return "proxy is shutting down"
-		case <-ctx.Done():
+		case <-gone:
 			return ""
 		case <-draining:
 			draining, noDrain = nil, nil
@@ -344,32 +310,16 @@ func (p *proxy) awaitRelease(ctx context.Context) string {
 
 // shutdown releases waiting preStops and stops serving within 5 s.
 func (p *proxy) shutdown(srv *http.Server) error {
-	p.stopOnce.Do(func() { close(p.stopping) })
+	close(p.stopping)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err := srv.Shutdown(ctx)
 	// The server does not wait for the connections GET /drain took over.
-	answered := make(chan struct{})
-	go func() { p.waiters.Wait(); close(answered) }()
-	select {
-	case <-answered:
-	case <-ctx.Done():
-	}
+	go func() { p.waiters.Wait(); cancel() }()
+	<-ctx.Done()
 	p.log.Info("proxy stopped")
 	if errors.Is(err, context.DeadlineExceeded) {
 		return nil
 	}
 	return err
-}
-
-// lockedWriter keeps the proxy's log lines and the copied pipe lines whole.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }

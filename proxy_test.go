@@ -146,6 +146,36 @@ func TestProxyPassesTheAppsVerdict(t *testing.T) {
 	}
 }
 
+// TestProxyPassesOnlyStatusTypeAndShortBody: a redirect or cookie from the
+// app must not reach the kubelet, nor more than 4 KiB of its body.
+func TestProxyPassesOnlyStatusTypeAndShortBody(t *testing.T) {
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Location", "http://example.com/")
+		w.Header().Set("Set-Cookie", "a=b")
+		w.WriteHeader(http.StatusFound)
+		fmt.Fprint(w, strings.Repeat("x", 10<<10))
+	}))
+	t.Cleanup(app.Close)
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))
+	client := &http.Client{Timeout: 5 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := client.Get(p.url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusFound || resp.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("status %d, Content-Type %q; want the app's 302 and application/json", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	if resp.Header.Get("Location") != "" || resp.Header.Get("Set-Cookie") != "" {
+		t.Errorf("the app's other headers reached the probe: %v", resp.Header)
+	}
+	if len(body) != 4<<10 {
+		t.Errorf("body of %d bytes; want the first 4 KiB", len(body))
+	}
+}
+
 func TestProxyHoldsNoConnectionToTheApp(t *testing.T) {
 	app := newFakeApp(t)
 	p := startProxy(t, app.URL+"/healthz", filepath.Join(t.TempDir(), "drain.fifo"))

@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -25,7 +26,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	toProxy := slog.NewTextHandler(pipe, nil).WithAttrs([]slog.Attr{slog.String("source", "stopper")})
 	if err != nil {
 		// The kubelet throws a hook's output away: only the proxy's log is read.
-		if !errors.Is(err, errHelp) {
+		if !errors.Is(err, flag.ErrHelp) {
 			slog.New(toProxy).Error("stopper not started: the pod is not drained", "err", err)
 		}
 		return err
