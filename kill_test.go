@@ -333,3 +333,16 @@ func TestOwnPIDNamespace(t *testing.T) {
 		})
 	}
 }
+
+func TestParseSignal(t *testing.T) {
+	for s, want := range map[string]syscall.Signal{"TERM": syscall.SIGTERM, "sigusr1": syscall.SIGUSR1, "SIGHUP": syscall.SIGHUP, "Int": syscall.SIGINT} {
+		if sig, err := parseSignal(s); err != nil || sig != want || signalNames[sig] == "" {
+			t.Errorf("parseSignal(%q) = %v, %v; want %v", s, sig, err, want)
+		}
+	}
+	for _, s := range []string{"KILL", "SIGKILL", "STOP", "SIGSIGTERM", ""} {
+		if _, err := parseSignal(s); err == nil {
+			t.Errorf("parseSignal(%q) accepted", s)
+		}
+	}
+}
