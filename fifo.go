@@ -1,19 +1,18 @@
 // fifo.go is the drain pipe: a named pipe on an emptyDir through which the
 // stopper (a preStop hook, whose output the kubelet throws away) tells the
-// proxy to drain and tells the proxy's log what it does, and what the proxy
-// does with each message, with the drain's state for a restarted proxy.
+// proxy to drain and copies its log to the proxy's, and what the proxy does
+// with each message.
 //
-// The protocol is one message per line, each written in a single write(2)
-// of at most PIPE_BUF bytes so that it arrives whole, and framed by a newline
-// on both sides: the leading one ends whatever part of a line another writer
-// left in the pipe, which could otherwise swallow the message. Empty lines
-// mean nothing.
+// One message per line, each written in one write(2) of at most PIPE_BUF
+// bytes so that it arrives whole, between two newlines: the leading one ends
+// any part of a line another writer left, which could swallow the message.
 //
 //	drain          start draining: readiness answers 503 from now on
 //	done           the app was signalled; release the app's preStop (GET /drain)
 //	log <line>     a log line of the stopper's, copied to the proxy's stdout
 //
-// Anything else is logged as ignored, at most once a second.
+// Empty lines mean nothing; anything else is logged as ignored, at most
+// once a second.
 
 package main
 
@@ -37,30 +36,16 @@ import (
 // maxMessage is PIPE_BUF: the largest write the kernel keeps in one piece.
 const maxMessage = 4096
 
-// ensureFIFO creates the pipe if nothing is at path.
-func ensureFIFO(path string) error {
-	if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create fifo %s: %w", path, err)
-	}
-	return nil
-}
-
-// openFIFOReader opens the pipe read-write, so that open(2) does not wait
-// for a writer and a writer's close gives no EOF. Whoever can write the pipe
-// can drain the pod: it must be a pipe of our own that no one else may write,
-// reached through no symlink.
+// openFIFOReader creates the pipe if nothing is at path and opens it
+// read-write, so that open(2) does not wait for a writer and a writer's close
+// gives no EOF. Whoever can write the pipe can drain the pod: it must be ours.
 func openFIFOReader(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open fifo: %w", err)
+	if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("fifo: create %s: %w", path, err)
 	}
-	fi, err := f.Stat()
-	if err == nil {
-		err = checkOwn(fi, os.ModeNamedPipe)
-	}
+	f, err := openOwn(path, os.O_RDWR, os.ModeNamedPipe)
 	if err != nil {
-		f.Close()
-		return nil, hintError{fmt.Errorf("fifo %s: %w", path, err),
+		return nil, hintError{fmt.Errorf("fifo: %w", err),
 			"point --fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"}
 	}
 	return f, nil
@@ -118,42 +103,10 @@ func (p *proxy) pipeMessage(out io.Writer) func(msg []byte, whole bool) {
 	}
 }
 
-// resume takes on the drain state an earlier proxy of this pod left (one
-// restarted while the pod terminates, KEP-4438): 503 from its first answer,
-// and GET /drain held until the stopper is done.
-func (p *proxy) resume(path string) {
-	s, err := openDrainState(path)
-	if err != nil {
-		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
-	}
-	p.state = s
-	if s.word != "" {
-		p.drainOnce.Do(func() { close(p.draining) })
-		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
-	}
-	if s.word == "done" {
-		p.releaseOnce.Do(func() { close(p.released) })
-		p.log.Info("the stopper was done with the app before this proxy started")
-	}
-}
-
-func (p *proxy) updateState(change func()) {
-	if err := p.state.update(change); err != nil {
-		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
-	}
-}
-
 // printable reports whether b is UTF-8 text with no control characters, so
 // that a copied line cannot forge other lines or drive a terminal.
 func printable(b []byte) bool {
-	for len(b) > 0 {
-		r, size := utf8.DecodeRune(b)
-		if r == utf8.RuneError || !unicode.IsPrint(r) {
-			return false
-		}
-		b = b[size:]
-	}
-	return true
+	return !bytes.ContainsFunc(b, func(r rune) bool { return r == utf8.RuneError || !unicode.IsPrint(r) })
 }
 
 // fifoWriter is the stopper's end. It never blocks, as the stopper must go
@@ -175,15 +128,12 @@ func (w *fifoWriter) send(msg string) error {
 	if err := w.open(); err != nil {
 		return err
 	}
-	_, err := syscall.Write(w.fd, []byte("\n"+msg+"\n"))
-	if err == syscall.EPIPE {
-		w.close()
-	}
-	if err == syscall.EAGAIN {
-		return fmt.Errorf("fifo %s is full: the proxy is not reading", w.path)
-	}
-	if err != nil {
-		return fmt.Errorf("write fifo %s: %w", w.path, err)
+	switch _, err := syscall.Write(w.fd, []byte("\n"+msg+"\n")); {
+	case err == syscall.EAGAIN:
+		return fmt.Errorf("fifo: %s is full: the proxy is not reading", w.path)
+	case err != nil:
+		w.close() // EPIPE: the proxy is gone; the next message opens the pipe again
+		return fmt.Errorf("fifo: write %s: %w", w.path, err)
 	}
 	return nil
 }
@@ -205,16 +155,16 @@ func (w *fifoWriter) open() error {
 	fd, err := syscall.Open(w.path, syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
 	switch {
 	case err == syscall.ENXIO:
-		return fmt.Errorf("fifo %s has no reader: is the proxy running?", w.path)
+		return fmt.Errorf("fifo: %s has no reader: is the proxy running?", w.path)
 	case err == syscall.ELOOP:
-		return fmt.Errorf("fifo %s is a symbolic link: refused", w.path)
+		return fmt.Errorf("fifo: %s is a symbolic link", w.path)
 	case err != nil:
-		return fmt.Errorf("open fifo %s: %w", w.path, err)
+		return fmt.Errorf("fifo: open %s: %w", w.path, err)
 	}
 	var st syscall.Stat_t
 	if err := syscall.Fstat(fd, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
 		syscall.Close(fd)
-		return fmt.Errorf("fifo %s is not a named pipe", w.path)
+		return fmt.Errorf("fifo: %s is not a named pipe", w.path)
 	}
 	w.fd = fd
 	return nil
@@ -227,10 +177,9 @@ func (w *fifoWriter) close() {
 	}
 }
 
-// quietLog logs an event in full only if none of its kind was logged in
-// the last second; it counts the others and sums them up in one line a
-// second, so that whoever can cause the events cannot flood the log. A
-// second with nothing counted ends the quiet.
+// quietLog logs an event in full only if none of its kind was logged in the
+// last second, and sums the others up in one line a second, so that whoever
+// causes the events cannot flood the log; a second with none ends the quiet.
 type quietLog struct {
 	log     func(msg string, args ...any)
 	summary string // the message of the line that sums up

@@ -91,9 +91,6 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	out := &lockedWriter{w: stdout}
 	logger := slog.New(slog.NewTextHandler(out, nil))
-	if err := ensureFIFO(cfg.fifo); err != nil {
-		return err
-	}
 	pipe, err := openFIFOReader(cfg.fifo)
 	if err != nil {
 		return err
