@@ -1,18 +1,14 @@
-// fifo.go is the drain pipe: a named pipe on an emptyDir through which the
-// stopper (a preStop hook, whose output the kubelet throws away) tells the
-// proxy to drain and copies its log to the proxy's, and what the proxy does
-// with each message.
-//
-// One message per line, each written in one write(2) of at most PIPE_BUF
-// bytes so that it arrives whole, between two newlines: the leading one ends
-// any part of a line another writer left, which could swallow the message.
+// fifo.go is the drain pipe on the sidecar's emptyDir: the stopper (a preStop
+// hook, whose output the kubelet throws away) writes, and the proxy acts on
+// each message. A message is a line sent in one write(2) of at most PIPE_BUF
+// bytes, so that it arrives whole, after a newline that ends any part of a
+// line another writer left, which could otherwise swallow it:
 //
 //	drain          start draining: readiness answers 503 from now on
 //	done           the app was signalled; release the app's preStop (GET /drain)
 //	log <line>     a log line of the stopper's, copied to the proxy's stdout
 //
-// Empty lines mean nothing; anything else is logged as ignored, at most
-// once a second.
+// Empty lines mean nothing; others are logged as ignored, at most once a second.
 
 package main
 

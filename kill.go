@@ -239,9 +239,7 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalNames[a.sig])
 		fresh = append(fresh, p)
 	}
-	if rerr := rec.add(fresh, target); rerr != nil {
-		a.log.Warn("could not record the signalled processes", "err", rerr)
-	}
+	rec.add(fresh, target, a.log)
 	if err != nil {
 		return nil, err
 	}

@@ -18,8 +18,7 @@ import (
 	"time"
 )
 
-// recordLockWait bounds the wait for the record's lock: a run holds it only
-// to signal and write a line, and "done", which waits for it, comes late.
+// recordLockWait bounds the wait for the record's lock, which runs hold briefly.
 const recordLockWait = 5 * time.Second
 
 type signalLog struct{ path string }
@@ -84,13 +83,11 @@ func openOwn(path string, flag int, want os.FileMode) (*os.File, error) {
 // lockWithin takes an exclusive flock on f, polling: a blocking flock would
 // ignore SIGTERM.
 func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
-	deadline := time.Now().Add(wait)
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+	for deadline := time.Now().Add(wait); ; {
+		switch err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); {
+		case !errors.Is(err, syscall.EWOULDBLOCK):
 			return err
-		}
-		if wait > 0 && time.Now().After(deadline) {
+		case wait > 0 && time.Now().After(deadline):
 			return fmt.Errorf("another process held it for %v", wait)
 		}
 		select {
@@ -121,11 +118,7 @@ func (r record) doneEarlier(target string, alive func(process) bool, findErr err
 		return nil, findErr
 	}
 	exiting := slices.DeleteFunc(earlier, func(p process) bool { return p.pid == 0 || !alive(p) }) // 0: a release
-	if len(exiting) == 0 {
-		log.Info("app already gone after an earlier stopper run", "detail", findErr)
-		return nil, nil
-	}
-	log.Info("app already signalled by an earlier stopper run, and exiting", "pid", exiting[0].pid, "detail", findErr)
+	log.Info("app already signalled or released by an earlier stopper run", "still_exiting", len(exiting), "detail", findErr)
 	return exiting, nil
 }
 
@@ -138,31 +131,29 @@ func (l signalLog) released(ctx context.Context, target string, notFound error, 
 		_, err := rec.doneEarlier(target, nil, notFound, log)
 		return err
 	}
-	if err := rec.add([]process{{}}, target); err != nil {
-		log.Warn("could not record the release; a repeated hook will report an error", "err", err)
-	}
+	rec.add([]process{{}}, target, log)
 	return nil
 }
 
-// add appends the processes just signalled as target, in one write.
-func (r record) add(ps []process, target string) error {
+// add appends the processes just acted on as target, in one write.
+func (r record) add(ps []process, target string, log *slog.Logger) {
 	if r.f == nil || len(ps) == 0 {
-		return nil
+		return
 	}
 	var b strings.Builder
 	for _, p := range ps {
 		fmt.Fprintf(&b, "%d %d %s\n", p.pid, p.start, target)
 	}
-	_, err := r.f.WriteString(b.String())
-	return err
+	if _, err := r.f.WriteString(b.String()); err != nil {
+		log.Warn("could not write the record; a repeated hook may act again or fail", "err", err)
+	}
 }
 
 // close releases the lock; Close is safe on a nil *os.File.
 func (r record) close() { r.f.Close() }
 
-// drainState is wsdrain.state beside the pipe: "terminating" once a drain met
-// a held GET /drain, "done" once the stopper is done too. A drain alone is a
-// sidecar-only restart, which the next proxy forgets.
+// drainState is wsdrain.state: "terminating" once a drain met a held GET /drain,
+// "done" once the stopper is done too; a drain alone is a sidecar's restart.
 type drainState struct {
 	f                  *os.File // nil: in memory only
 	mu                 sync.Mutex
@@ -171,8 +162,7 @@ type drainState struct {
 	word               string
 }
 
-// resume takes on the state an earlier proxy of this pod left (KEP-4438
-// restarts sidecars while the pod terminates): 503, and GET /drain held.
+// resume takes on the state an earlier proxy of this pod left (KEP-4438).
 func (p *proxy) resume(path string) {
 	f, err := openOwn(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0)
 	if err != nil {
