@@ -122,62 +122,6 @@ func (fs procFS) alive(p process) bool {
 	return err == nil && now.start == p.start && now.state != 'Z' && now.state != 'X'
 }
 
-// rootsOf keeps the processes whose parent is not among them: a pre-fork
-// server's master, which shuts its workers down cleanly.
-func rootsOf(ps []process) []process {
-	var roots []process
-	for _, p := range ps {
-		if !slices.ContainsFunc(ps, func(q process) bool { return q.pid == p.ppid }) {
-			roots = append(roots, p)
-		}
-	}
-	return roots
-}
-
-// withoutUnsafe drops PID 1 and the protected processes, whatever they hold.
-func withoutUnsafe(ps []process, protected map[int]bool) []process {
-	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
-}
-
-// targetFinder finds the app's server processes.
-type targetFinder struct {
-	fs      procFS
-	source  socketSource
-	port    uint16
-	protect map[int]bool // the stopper and its ancestors
-}
-
-// find returns the roots of the processes that hold the LISTEN socket on the
-// port: the server itself, past npm, yarn or "sh -c" wrappers that would not
-// pass a signal on.
-func (t targetFinder) find() ([]process, error) {
-	inodes, err := t.source.listeners(t.port)
-	if err != nil {
-		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
-	}
-	if len(inodes) == 0 {
-		return nil, fmt.Errorf("nothing listens on port %d", t.port)
-	}
-	owners, unreadable, err := t.fs.socketOwners(inodes)
-	if err != nil {
-		return nil, err
-	}
-	// One we may not inspect may hold it too (a master running as another
-	// user): signalling only the workers we see would leave it listening.
-	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
-		u := fmt.Sprintf("pid %d (%s)", unreadable[0].pid, unreadable[0].comm)
-		if len(unreadable) > 1 {
-			u += fmt.Sprintf(" and %d more", len(unreadable)-1)
-		}
-		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, u),
-			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
-	}
-	if owners = rootsOf(withoutUnsafe(owners, t.protect)); len(owners) > 0 {
-		return owners, nil
-	}
-	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
-}
-
 // signalProcess sends sig to p unless it has gone, through a pidfd, which
 // names one process for good: the start time read after the pidfd was taken
 // proves it names p, and no reuse of the PID can slip in before the signal.
@@ -207,14 +151,65 @@ func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
 	}
 }
 
-// appSignaller signals the app once, remembering whom across hook runs.
+// rootsOf keeps the processes whose parent is not among them: a pre-fork
+// server's master, which shuts its workers down cleanly.
+func rootsOf(ps []process) []process {
+	var roots []process
+	for _, p := range ps {
+		if !slices.ContainsFunc(ps, func(q process) bool { return q.pid == p.ppid }) {
+			roots = append(roots, p)
+		}
+	}
+	return roots
+}
+
+// withoutUnsafe drops PID 1 and the protected processes, whatever they hold.
+func withoutUnsafe(ps []process, protected map[int]bool) []process {
+	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
+}
+
+// appSignaller finds the app's server and signals it once, remembering whom
+// across hook runs.
 type appSignaller struct {
 	fs       procFS
-	finder   targetFinder
+	source   socketSource
+	port     uint16
+	protect  map[int]bool // the stopper and its ancestors
 	record   signalLog
 	lockWait time.Duration // recordLockWait; 0: until ctx ends
 	sig      syscall.Signal
 	log      *slog.Logger
+}
+
+// find returns the roots of the processes that hold the LISTEN socket on the
+// port: the server itself, past npm, yarn or "sh -c" wrappers that would not
+// pass a signal on.
+func (a *appSignaller) find() ([]process, error) {
+	inodes, err := a.source.listeners(a.port)
+	if err != nil {
+		return nil, fmt.Errorf("finding the listener on port %d: %w", a.port, err)
+	}
+	if len(inodes) == 0 {
+		return nil, fmt.Errorf("nothing listens on port %d", a.port)
+	}
+	owners, unreadable, err := a.fs.socketOwners(inodes)
+	if err != nil {
+		return nil, err
+	}
+	// One we may not inspect may hold it too (a master running as another
+	// user): signalling only the workers we see would leave it listening.
+	if unreadable = withoutUnsafe(unreadable, a.protect); len(unreadable) > 0 {
+		u := fmt.Sprintf("pid %d (%s)", unreadable[0].pid, unreadable[0].comm)
+		if len(unreadable) > 1 {
+			u += fmt.Sprintf(" and %d more", len(unreadable)-1)
+		}
+		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", a.port, u),
+			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
+	}
+	if owners = rootsOf(withoutUnsafe(owners, a.protect)); len(owners) > 0 {
+		return owners, nil
+	}
+	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", a.port)
 }
 
 // signal signals every target that no earlier run signalled, records them
@@ -222,8 +217,8 @@ type appSignaller struct {
 func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
-	target := "port " + strconv.Itoa(int(a.finder.port))
-	targets, err := a.finder.find()
+	target := "port " + strconv.Itoa(int(a.port))
+	targets, err := a.find()
 	if err != nil {
 		return rec.doneEarlier(target, a.fs.alive, err, a.log)
 	}
