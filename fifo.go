@@ -15,6 +15,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -110,10 +111,10 @@ func printable(b []byte) bool {
 // with an error (the stopper retries "drain" and "done").
 type fifoWriter struct {
 	path string
-	fd   int
+	f    *os.File // nil: not open
 }
 
-func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path, fd: -1} }
+func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path} }
 
 // send writes msg between two newlines in one write, opening the pipe again
 // if needed, so that a proxy that starts late gets later messages.
@@ -121,10 +122,27 @@ func (w *fifoWriter) send(msg string) error {
 	if len(msg) > maxMessage-2 {
 		msg = strings.ToValidUTF8(msg[:maxMessage-2], "")
 	}
-	if err := w.open(); err != nil {
-		return err
+	if w.f == nil {
+		// Without waiting for a reader: ENXIO if there is none.
+		f, err := openOwn(w.path, os.O_WRONLY|syscall.O_NONBLOCK, os.ModeNamedPipe)
+		if errors.Is(err, syscall.ENXIO) {
+			return fmt.Errorf("fifo: %s has no reader: is the proxy running?", w.path)
+		}
+		if err != nil {
+			return fmt.Errorf("fifo: %w", err)
+		}
+		w.f = f
 	}
-	switch _, err := syscall.Write(w.fd, []byte("\n"+msg+"\n")); {
+	// One write(2), never waiting for room as os.File's Write would.
+	var err error
+	raw, rawErr := w.f.SyscallConn()
+	if rawErr == nil {
+		rawErr = raw.Write(func(fd uintptr) bool {
+			_, err = syscall.Write(int(fd), []byte("\n"+msg+"\n"))
+			return true
+		})
+	}
+	switch err = cmp.Or(rawErr, err); {
 	case err == syscall.EAGAIN:
 		return fmt.Errorf("fifo: %s is full: the proxy is not reading", w.path)
 	case err != nil:
@@ -142,34 +160,10 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// open opens the pipe without waiting for a reader (ENXIO if there is none)
-// and without following a symlink, which could lead the writes elsewhere.
-func (w *fifoWriter) open() error {
-	if w.fd >= 0 {
-		return nil
-	}
-	fd, err := syscall.Open(w.path, syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
-	switch {
-	case err == syscall.ENXIO:
-		return fmt.Errorf("fifo: %s has no reader: is the proxy running?", w.path)
-	case err == syscall.ELOOP:
-		return fmt.Errorf("fifo: %s is a symbolic link", w.path)
-	case err != nil:
-		return fmt.Errorf("fifo: open %s: %w", w.path, err)
-	}
-	var st syscall.Stat_t
-	if err := syscall.Fstat(fd, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
-		syscall.Close(fd)
-		return fmt.Errorf("fifo: %s is not a named pipe", w.path)
-	}
-	w.fd = fd
-	return nil
-}
-
 func (w *fifoWriter) close() {
-	if w.fd >= 0 {
-		syscall.Close(w.fd)
-		w.fd = -1
+	if w.f != nil {
+		w.f.Close()
+		w.f = nil
 	}
 }
 

@@ -21,11 +21,11 @@ import (
 // recordLockWait bounds the wait for the record's lock, which runs hold briefly.
 const recordLockWait = 5 * time.Second
 
+// signalLog is the record: a line "PID START port N" per process signalled;
+// "0 0 port N" is a release made with the app out of sight, naming no process.
 type signalLog struct{ path string }
 
-// record is the file as one run opened it (none if unusable): a line
-// "PID START port N" per process signalled; "0 0 port N" is a release made
-// with the app out of sight, which names no process.
+// record is the file as one run opened it.
 type record struct {
 	f     *os.File
 	lines []string
