@@ -106,12 +106,12 @@ func printable(b []byte) bool {
 	return !bytes.ContainsFunc(b, func(r rune) bool { return r == utf8.RuneError || !unicode.IsPrint(r) })
 }
 
-// fifoWriter is the stopper's end. It never blocks, as the stopper must go
-// on counting: with no proxy reading or a full pipe a message is dropped
-// with an error (the stopper retries "drain" and "done").
+// fifoWriter is the stopper's end. It never holds up the counting: with no
+// proxy reading or a full pipe, a message fails (the stopper retries).
 type fifoWriter struct {
 	path string
-	f    *os.File // nil: not open
+	mu   sync.Mutex // the events' goroutine may log too
+	f    *os.File   // nil: not open
 }
 
 func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path} }
@@ -122,6 +122,8 @@ func (w *fifoWriter) send(msg string) error {
 	if len(msg) > maxMessage-2 {
 		msg = strings.ToValidUTF8(msg[:maxMessage-2], "")
 	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if w.f == nil {
 		// Without waiting for a reader: ENXIO if there is none.
 		f, err := openOwn(w.path, os.O_WRONLY|syscall.O_NONBLOCK, os.ModeNamedPipe)
@@ -146,7 +148,8 @@ func (w *fifoWriter) send(msg string) error {
 	case err == syscall.EAGAIN:
 		return fmt.Errorf("fifo: %s is full: the proxy is not reading", w.path)
 	case err != nil:
-		w.close() // EPIPE: the proxy is gone; the next message opens the pipe again
+		w.f.Close() // EPIPE: the proxy is gone; the next message opens the pipe again
+		w.f = nil
 		return fmt.Errorf("fifo: write %s: %w", w.path, err)
 	}
 	return nil
@@ -161,15 +164,14 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 }
 
 func (w *fifoWriter) close() {
-	if w.f != nil {
-		w.f.Close()
-		w.f = nil
-	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.f.Close() // nil-safe
+	w.f = nil
 }
 
-// quietLog logs an event in full only if none of its kind was logged in the
-// last second, and sums the others up in one line a second, so that whoever
-// causes the events cannot flood the log; a second with none ends the quiet.
+// quietLog logs an event in full only if none of its kind was in the last
+// second, and sums the others up once a second: no one can flood the log.
 type quietLog struct {
 	log     func(msg string, args ...any)
 	summary string // the message of the line that sums up

@@ -181,9 +181,8 @@ type appSignaller struct {
 	log      *slog.Logger
 }
 
-// find returns the roots of the processes that hold the LISTEN socket on the
-// port: the server itself, past npm, yarn or "sh -c" wrappers that would not
-// pass a signal on.
+// find returns the roots of the holders of the LISTEN socket on the port: the
+// server itself, past wrappers (npm, "sh -c") that would not pass a signal on.
 func (a *appSignaller) find() ([]process, error) {
 	inodes, err := a.source.listeners(a.port)
 	if err != nil {
