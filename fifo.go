@@ -1,25 +1,21 @@
-// fifo.go is the drain pipe: a named pipe on an emptyDir through which the
-// stopper (a preStop hook, whose output the kubelet throws away) tells the
-// proxy to drain and tells the proxy's log what it does, and what the proxy
-// does with each message, with the drain's state for a restarted proxy.
-//
-// The protocol is one message per line, each written in a single write(2)
-// of at most PIPE_BUF bytes so that it arrives whole, and framed by a newline
-// on both sides: the leading one ends whatever part of a line another writer
-// left in the pipe, which could otherwise swallow the message. Empty lines
-// mean nothing.
+// fifo.go is the drain pipe on the sidecar's emptyDir: the stopper (a preStop
+// hook, whose output the kubelet throws away) writes, and the proxy acts on
+// each message. A message is a line sent in one write(2) of at most PIPE_BUF
+// bytes, so that it arrives whole, after a newline that ends any part of a
+// line another writer left, which could otherwise swallow it:
 //
 //	drain          start draining: readiness answers 503 from now on
 //	done           the app was signalled; release the app's preStop (GET /drain)
 //	log <line>     a log line of the stopper's, copied to the proxy's stdout
 //
-// Anything else is logged as ignored, at most once a second.
+// Empty lines mean nothing; others are logged as ignored, at most once a second.
 
 package main
 
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -37,30 +33,16 @@ import (
 // maxMessage is PIPE_BUF: the largest write the kernel keeps in one piece.
 const maxMessage = 4096
 
-// ensureFIFO creates the pipe if nothing is at path.
-func ensureFIFO(path string) error {
-	if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create fifo %s: %w", path, err)
-	}
-	return nil
-}
-
-// openFIFOReader opens the pipe read-write, so that open(2) does not wait
-// for a writer and a writer's close gives no EOF. Whoever can write the pipe
-// can drain the pod: it must be a pipe of our own that no one else may write,
-// reached through no symlink.
+// openFIFOReader creates the pipe if nothing is at path and opens it
+// read-write, so that open(2) does not wait for a writer and a writer's close
+// gives no EOF. Whoever can write the pipe can drain the pod: it must be ours.
 func openFIFOReader(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open fifo: %w", err)
+	if err := syscall.Mkfifo(path, 0o600); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("fifo: create %s: %w", path, err)
 	}
-	fi, err := f.Stat()
-	if err == nil {
-		err = checkOwn(fi, os.ModeNamedPipe)
-	}
+	f, err := openOwn(path, os.O_RDWR, os.ModeNamedPipe)
 	if err != nil {
-		f.Close()
-		return nil, hintError{fmt.Errorf("fifo %s: %w", path, err),
+		return nil, hintError{fmt.Errorf("fifo: %w", err),
 			"point --fifo at a path on the sidecar's emptyDir, or remove what is there: the proxy creates the pipe itself"}
 	}
 	return f, nil
@@ -118,53 +100,21 @@ func (p *proxy) pipeMessage(out io.Writer) func(msg []byte, whole bool) {
 	}
 }
 
-// resume takes on the drain state an earlier proxy of this pod left (one
-// restarted while the pod terminates, KEP-4438): 503 from its first answer,
-// and GET /drain held until the stopper is done.
-func (p *proxy) resume(path string) {
-	s, err := openDrainState(path)
-	if err != nil {
-		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
-	}
-	p.state = s
-	if s.word != "" {
-		p.drainOnce.Do(func() { close(p.draining) })
-		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
-	}
-	if s.word == "done" {
-		p.releaseOnce.Do(func() { close(p.released) })
-		p.log.Info("the stopper was done with the app before this proxy started")
-	}
-}
-
-func (p *proxy) updateState(change func()) {
-	if err := p.state.update(change); err != nil {
-		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
-	}
-}
-
 // printable reports whether b is UTF-8 text with no control characters, so
 // that a copied line cannot forge other lines or drive a terminal.
 func printable(b []byte) bool {
-	for len(b) > 0 {
-		r, size := utf8.DecodeRune(b)
-		if r == utf8.RuneError || !unicode.IsPrint(r) {
-			return false
-		}
-		b = b[size:]
-	}
-	return true
+	return !bytes.ContainsFunc(b, func(r rune) bool { return r == utf8.RuneError || !unicode.IsPrint(r) })
 }
 
-// fifoWriter is the stopper's end. It never blocks, as the stopper must go
-// on counting: with no proxy reading or a full pipe a message is dropped
-// with an error (the stopper retries "drain" and "done").
+// fifoWriter is the stopper's end. It never holds up the counting: with no
+// proxy reading or a full pipe, a message fails (the stopper retries).
 type fifoWriter struct {
 	path string
-	fd   int
+	mu   sync.Mutex // the events' goroutine may log too
+	f    *os.File   // nil: not open
 }
 
-func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path, fd: -1} }
+func newFIFOWriter(path string) *fifoWriter { return &fifoWriter{path: path} }
 
 // send writes msg between two newlines in one write, opening the pipe again
 // if needed, so that a proxy that starts late gets later messages.
@@ -172,18 +122,35 @@ func (w *fifoWriter) send(msg string) error {
 	if len(msg) > maxMessage-2 {
 		msg = strings.ToValidUTF8(msg[:maxMessage-2], "")
 	}
-	if err := w.open(); err != nil {
-		return err
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.f == nil {
+		// Without waiting for a reader: ENXIO if there is none.
+		f, err := openOwn(w.path, os.O_WRONLY|syscall.O_NONBLOCK, os.ModeNamedPipe)
+		if errors.Is(err, syscall.ENXIO) {
+			return fmt.Errorf("fifo: %s has no reader: is the proxy running?", w.path)
+		}
+		if err != nil {
+			return fmt.Errorf("fifo: %w", err)
+		}
+		w.f = f
 	}
-	_, err := syscall.Write(w.fd, []byte("\n"+msg+"\n"))
-	if err == syscall.EPIPE {
-		w.close()
+	// One write(2), never waiting for room as os.File's Write would.
+	var err error
+	raw, rawErr := w.f.SyscallConn()
+	if rawErr == nil {
+		rawErr = raw.Write(func(fd uintptr) bool {
+			_, err = syscall.Write(int(fd), []byte("\n"+msg+"\n"))
+			return true
+		})
 	}
-	if err == syscall.EAGAIN {
-		return fmt.Errorf("fifo %s is full: the proxy is not reading", w.path)
-	}
-	if err != nil {
-		return fmt.Errorf("write fifo %s: %w", w.path, err)
+	switch err = cmp.Or(rawErr, err); {
+	case err == syscall.EAGAIN:
+		return fmt.Errorf("fifo: %s is full: the proxy is not reading", w.path)
+	case err != nil:
+		w.f.Close() // EPIPE: the proxy is gone; the next message opens the pipe again
+		w.f = nil
+		return fmt.Errorf("fifo: write %s: %w", w.path, err)
 	}
 	return nil
 }
@@ -196,41 +163,15 @@ func (w *fifoWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// open opens the pipe without waiting for a reader (ENXIO if there is none)
-// and without following a symlink, which could lead the writes elsewhere.
-func (w *fifoWriter) open() error {
-	if w.fd >= 0 {
-		return nil
-	}
-	fd, err := syscall.Open(w.path, syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC|syscall.O_NOFOLLOW, 0)
-	switch {
-	case err == syscall.ENXIO:
-		return fmt.Errorf("fifo %s has no reader: is the proxy running?", w.path)
-	case err == syscall.ELOOP:
-		return fmt.Errorf("fifo %s is a symbolic link: refused", w.path)
-	case err != nil:
-		return fmt.Errorf("open fifo %s: %w", w.path, err)
-	}
-	var st syscall.Stat_t
-	if err := syscall.Fstat(fd, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
-		syscall.Close(fd)
-		return fmt.Errorf("fifo %s is not a named pipe", w.path)
-	}
-	w.fd = fd
-	return nil
-}
-
 func (w *fifoWriter) close() {
-	if w.fd >= 0 {
-		syscall.Close(w.fd)
-		w.fd = -1
-	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.f.Close() // nil-safe
+	w.f = nil
 }
 
-// quietLog logs an event in full only if none of its kind was logged in
-// the last second; it counts the others and sums them up in one line a
-// second, so that whoever can cause the events cannot flood the log. A
-// second with nothing counted ends the quiet.
+// quietLog logs an event in full only if none of its kind was in the last
+// second, and sums the others up once a second: no one can flood the log.
 type quietLog struct {
 	log     func(msg string, args ...any)
 	summary string // the message of the line that sums up

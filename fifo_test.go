@@ -152,6 +152,14 @@ func TestProxyRefusesAPipeThatIsNotItsOwn(t *testing.T) {
 			if !errors.As(err, &hinted) {
 				t.Errorf("the refusal has no hint: %v", err)
 			}
+			reader, err := os.OpenFile(path, os.O_RDWR, 0) // so that only the check can refuse
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer reader.Close()
+			if err := newFIFOWriter(path).send("drain"); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("the stopper's end: err = %v; want a refusal saying %q", err, tt.want)
+			}
 		})
 	}
 }

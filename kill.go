@@ -39,11 +39,8 @@ func (fs procFS) stat(pid int) (process, error) {
 		return process{}, err
 	}
 	open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
-	if open < 0 || end < open {
-		return process{}, fmt.Errorf("pid %d: malformed stat", pid)
-	}
 	rest := strings.Fields(string(b[end+1:]))
-	if len(rest) < 20 || len(rest[0]) != 1 {
+	if open < 0 || end < open || len(rest) < 20 || len(rest[0]) != 1 {
 		return process{}, fmt.Errorf("pid %d: malformed stat", pid)
 	}
 	ppid, err1 := strconv.Atoi(rest[1])
@@ -54,26 +51,9 @@ func (fs procFS) stat(pid int) (process, error) {
 	return process{pid: pid, ppid: ppid, comm: string(b[open+1 : end]), start: start, state: rest[0][0]}, nil
 }
 
-// pids lists the processes visible in the PID namespace.
-func (fs procFS) pids() ([]int, error) {
-	entries, err := os.ReadDir(fs.root)
-	if err != nil {
-		return nil, err
-	}
-	var pids []int
-	for _, e := range entries {
-		if pid, err := strconv.Atoi(e.Name()); err == nil {
-			pids = append(pids, pid)
-		}
-	}
-	slices.Sort(pids) // by number: in start order, until PIDs wrap
-	return pids, nil
-}
-
-// ownPIDNamespace reports whether PID 1 shares this process's mount
-// namespace, that is, its container: then the app is out of sight. With
-// shareProcessNamespace PID 1 is /pause, in another mount namespace (its link
-// may be unreadable). Only a match counts: a doubt leaves the stopper signalling.
+// ownPIDNamespace reports whether PID 1 shares this process's mount namespace
+// (its container): then the app is out of sight. With shareProcessNamespace
+// PID 1 is /pause, whose link may be unreadable: only a match counts.
 func (fs procFS) ownPIDNamespace() bool {
 	self, err := os.Readlink(filepath.Join(fs.root, "self", "ns", "mnt"))
 	if err != nil {
@@ -84,19 +64,31 @@ func (fs procFS) ownPIDNamespace() bool {
 }
 
 // socketOwners returns the processes with an fd on one of the sockets, and
-// those whose fds it may not read. A PID reused while its fds were read (the
-// start time changed) is skipped.
+// those whose fds it may not read; a PID reused meanwhile is skipped.
 func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, err error) {
-	pids, err := fs.pids()
+	var links []string // what /proc/PID/fd/N reads for an fd on a socket
+	for _, inode := range inodes {
+		links = append(links, fmt.Sprintf("socket:[%d]", inode))
+	}
+	entries, err := os.ReadDir(fs.root)
 	if err != nil {
 		return nil, nil, err
 	}
-	for _, pid := range pids {
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue // not a process
+		}
 		p, err := fs.stat(pid)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		held, err := fs.holdsSocket(pid, inodes)
+		dir := filepath.Join(fs.root, e.Name(), "fd")
+		fds, err := os.ReadDir(dir)
+		held := slices.ContainsFunc(fds, func(fd os.DirEntry) bool {
+			link, _ := os.Readlink(filepath.Join(dir, fd.Name()))
+			return slices.Contains(links, link)
+		})
 		if now, serr := fs.stat(pid); serr != nil || now.start != p.start {
 			continue // gone or reused while its fds were read
 		}
@@ -108,26 +100,6 @@ func (fs procFS) socketOwners(inodes []uint64) (owners, unreadable []process, er
 		}
 	}
 	return owners, unreadable, nil
-}
-
-// holdsSocket reports whether pid has an fd on one of the sockets.
-func (fs procFS) holdsSocket(pid int, inodes []uint64) (bool, error) {
-	dir := filepath.Join(fs.root, strconv.Itoa(pid), "fd")
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return false, err
-	}
-	for _, e := range entries {
-		link, err := os.Readlink(filepath.Join(dir, e.Name()))
-		if err != nil || !strings.HasPrefix(link, "socket:[") {
-			continue
-		}
-		n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64)
-		if err == nil && slices.Contains(inodes, n) {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // ancestors returns pid and every process above it.
@@ -150,6 +122,35 @@ func (fs procFS) alive(p process) bool {
 	return err == nil && now.start == p.start && now.state != 'Z' && now.state != 'X'
 }
 
+// signalProcess sends sig to p unless it has gone, through a pidfd, which
+// names one process for good: the start time read after the pidfd was taken
+// proves it names p, and no reuse of the PID can slip in before the signal.
+func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
+	what := fmt.Sprintf("signal %s to pid %d (%s)", signalNames[sig], p.pid, p.comm)
+	proc, err := os.FindProcess(p.pid) // pidfd_open(2) on Linux
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	defer proc.Release()
+	if !fs.alive(p) {
+		return nil
+	}
+	// p is alive, so it was when FindProcess ran: no handle means no pidfd.
+	if err := proc.WithHandle(func(uintptr) {}); err != nil {
+		return hintError{fmt.Errorf("%s: no pidfd: %w", what, err),
+			"wsdrain signals through a pidfd (Linux 5.4 or later, allowed by the runtime's default seccomp profile), so that a reused PID is never signalled"}
+	}
+	switch err := proc.Signal(sig); { // pidfd_send_signal(2)
+	case err == nil || errors.Is(err, os.ErrProcessDone):
+		return nil
+	case errors.Is(err, syscall.EPERM):
+		return hintError{fmt.Errorf("%s: operation not permitted", what),
+			"run the sidecar with the app's runAsUser: signalling another user's process needs CAP_KILL, which the restricted profile forbids"}
+	default:
+		return fmt.Errorf("%s: %w", what, err)
+	}
+}
+
 // rootsOf keeps the processes whose parent is not among them: a pre-fork
 // server's master, which shuts its workers down cleanly.
 func rootsOf(ps []process) []process {
@@ -167,91 +168,47 @@ func withoutUnsafe(ps []process, protected map[int]bool) []process {
 	return slices.DeleteFunc(ps, func(p process) bool { return p.pid == 1 || protected[p.pid] })
 }
 
-// targetFinder finds the app's server processes.
-type targetFinder struct {
-	fs      procFS
-	source  socketSource
-	port    uint16
-	protect map[int]bool // the stopper and its ancestors
+// appSignaller finds the app's server and signals it once, remembering whom
+// across hook runs.
+type appSignaller struct {
+	fs       procFS
+	source   socketSource
+	port     uint16
+	protect  map[int]bool // the stopper and its ancestors
+	record   signalLog
+	lockWait time.Duration // recordLockWait; 0: until ctx ends
+	sig      syscall.Signal
+	log      *slog.Logger
 }
 
-// find returns the roots of the processes that hold the LISTEN socket on the
-// port: the server itself, past npm, yarn or "sh -c" wrappers that would not
-// pass a signal on.
-func (t targetFinder) find() ([]process, error) {
-	inodes, err := t.source.listeners(t.port)
+// find returns the roots of the holders of the LISTEN socket on the port: the
+// server itself, past wrappers (npm, "sh -c") that would not pass a signal on.
+func (a *appSignaller) find() ([]process, error) {
+	inodes, err := a.source.listeners(a.port)
 	if err != nil {
-		return nil, fmt.Errorf("finding the listener on port %d: %w", t.port, err)
+		return nil, fmt.Errorf("finding the listener on port %d: %w", a.port, err)
 	}
 	if len(inodes) == 0 {
-		return nil, fmt.Errorf("nothing listens on port %d", t.port)
+		return nil, fmt.Errorf("nothing listens on port %d", a.port)
 	}
-	owners, unreadable, err := t.fs.socketOwners(inodes)
+	owners, unreadable, err := a.fs.socketOwners(inodes)
 	if err != nil {
 		return nil, err
 	}
 	// One we may not inspect may hold it too (a master running as another
 	// user): signalling only the workers we see would leave it listening.
-	if unreadable = withoutUnsafe(unreadable, t.protect); len(unreadable) > 0 {
-		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", t.port, describe(unreadable)),
+	if unreadable = withoutUnsafe(unreadable, a.protect); len(unreadable) > 0 {
+		u := fmt.Sprintf("pid %d (%s)", unreadable[0].pid, unreadable[0].comm)
+		if len(unreadable) > 1 {
+			u += fmt.Sprintf(" and %d more", len(unreadable)-1)
+		}
+		return nil, hintError{fmt.Errorf("cannot see which process listens on port %d: permission denied reading /proc/PID/fd of %s", a.port, u),
 			"run the sidecar with the app's runAsUser, so it may inspect and signal the app"}
 	}
-	if owners = rootsOf(withoutUnsafe(owners, t.protect)); len(owners) > 0 {
+	if owners = rootsOf(withoutUnsafe(owners, a.protect)); len(owners) > 0 {
 		return owners, nil
 	}
-	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", t.port)
-}
-
-// describe names a few processes for an error message.
-func describe(ps []process) string {
-	var names []string
-	for _, p := range ps[:min(len(ps), 3)] {
-		names = append(names, fmt.Sprintf("pid %d (%s)", p.pid, p.comm))
-	}
-	if len(ps) > 3 {
-		names = append(names, fmt.Sprintf("and %d more", len(ps)-3))
-	}
-	return strings.Join(names, ", ")
-}
-
-// signalProcess sends sig to p unless it has gone, through a pidfd, which
-// names one process for good: the start time read after the pidfd was taken
-// proves it names p, and no reuse of the PID can slip in before the signal.
-func (fs procFS) signalProcess(p process, sig syscall.Signal) error {
-	proc, err := os.FindProcess(p.pid) // pidfd_open(2) on Linux
-	if err != nil {
-		return fmt.Errorf("signal %s to pid %d (%s): %w", signalName(sig), p.pid, p.comm, err)
-	}
-	defer proc.Release()
-	if !fs.alive(p) {
-		return nil
-	}
-	// p is alive, so it was when FindProcess ran: no handle means no pidfd.
-	if err := proc.WithHandle(func(uintptr) {}); err != nil {
-		return hintError{fmt.Errorf("signal %s to pid %d (%s): no pidfd: %w", signalName(sig), p.pid, p.comm, err),
-			"wsdrain signals through a pidfd (Linux 5.4 or later, allowed by the runtime's default seccomp profile), so that a reused PID is never signalled"}
-	}
-	err = proc.Signal(sig) // pidfd_send_signal(2)
-	switch {
-	case errors.Is(err, os.ErrProcessDone):
-		return nil
-	case errors.Is(err, syscall.EPERM):
-		return hintError{fmt.Errorf("signal %s to pid %d (%s): operation not permitted", signalName(sig), p.pid, p.comm),
-			"run the sidecar with the app's runAsUser: signalling another user's process needs CAP_KILL, which the restricted profile forbids"}
-	case err != nil:
-		return fmt.Errorf("signal %s to pid %d (%s): %w", signalName(sig), p.pid, p.comm, err)
-	}
-	return nil
-}
-
-// appSignaller signals the app once, remembering whom across hook runs.
-type appSignaller struct {
-	fs       procFS
-	finder   targetFinder
-	record   signalLog
-	lockWait time.Duration // recordLockWait; 0: until ctx ends
-	sig      syscall.Signal
-	log      *slog.Logger
+	return nil, fmt.Errorf("no process in this PID namespace holds the socket listening on port %d", a.port)
 }
 
 // signal signals every target that no earlier run signalled, records them
@@ -259,8 +216,8 @@ type appSignaller struct {
 func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 	rec := a.record.open(ctx, a.lockWait, a.log)
 	defer rec.close()
-	target := "port " + strconv.Itoa(int(a.finder.port))
-	targets, err := a.finder.find()
+	target := "port " + strconv.Itoa(int(a.port))
+	targets, err := a.find()
 	if err != nil {
 		return rec.doneEarlier(target, a.fs.alive, err, a.log)
 	}
@@ -273,12 +230,10 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 		if err = a.fs.signalProcess(p, a.sig); err != nil {
 			break
 		}
-		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalName(a.sig))
+		a.log.Info("signalled app", "pid", p.pid, "process", p.comm, "signal", signalNames[a.sig])
 		fresh = append(fresh, p)
 	}
-	if rerr := rec.add(fresh, target); rerr != nil {
-		a.log.Warn("could not record the signalled processes", "err", rerr)
-	}
+	rec.add(fresh, target, a.log)
 	if err != nil {
 		return nil, err
 	}
@@ -288,24 +243,15 @@ func (a *appSignaller) signal(ctx context.Context) ([]process, error) {
 // parseSignal accepts TERM, SIGTERM or sigterm; never KILL (the kubelet's) or
 // STOP (a stopped app holds its calls).
 func parseSignal(s string) (syscall.Signal, error) {
-	sig, ok := signalsByName[strings.TrimPrefix(strings.ToUpper(s), "SIG")]
-	if !ok {
-		return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag --signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
-	}
-	return sig, nil
-}
-
-var signalsByName = map[string]syscall.Signal{
-	"TERM": syscall.SIGTERM, "INT": syscall.SIGINT, "QUIT": syscall.SIGQUIT,
-	"HUP": syscall.SIGHUP, "USR1": syscall.SIGUSR1, "USR2": syscall.SIGUSR2,
-}
-
-// signalName is the conventional name of sig, such as SIGTERM.
-func signalName(sig syscall.Signal) string {
-	for name, s := range signalsByName {
-		if s == sig {
-			return "SIG" + name
+	for sig, name := range signalNames {
+		if strings.EqualFold(s, name) || strings.EqualFold("SIG"+s, name) {
+			return sig, nil
 		}
 	}
-	return sig.String()
+	return 0, usageError{fmt.Errorf("stopper: invalid value %q for flag --signal: want one of TERM, INT, QUIT, HUP, USR1, USR2", s)}
+}
+
+var signalNames = map[syscall.Signal]string{
+	syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT", syscall.SIGQUIT: "SIGQUIT",
+	syscall.SIGHUP: "SIGHUP", syscall.SIGUSR1: "SIGUSR1", syscall.SIGUSR2: "SIGUSR2",
 }

@@ -52,7 +52,7 @@ func TestFindsTheListenerOwner(t *testing.T) {
 	defer ln.Close()
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 	fs := procFS{"/proc"}
-	f := targetFinder{fs: fs, source: newProcSource(), port: port}
+	f := &appSignaller{fs: fs, source: newProcSource(), port: port}
 	got, err := f.find()
 	if err != nil || len(got) != 1 || got[0].pid != os.Getpid() {
 		t.Fatalf("find = %+v, %v; want this test process %d", got, err, os.Getpid())
@@ -72,11 +72,13 @@ func TestSignalsOnceAcrossRepeatedHooks(t *testing.T) {
 	fs := procFS{"/proc"}
 	var log syncBuffer
 	a := &appSignaller{
-		fs:     fs,
-		finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())},
-		record: signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")},
-		sig:    syscall.SIGTERM,
-		log:    testLogger(&log),
+		fs:      fs,
+		source:  newProcSource(),
+		port:    port,
+		protect: fs.ancestors(os.Getpid()),
+		record:  signalLog{path: filepath.Join(t.TempDir(), "wsdrain.signalled")},
+		sig:     syscall.SIGTERM,
+		log:     testLogger(&log),
 	}
 	first, err := a.signal(context.Background())
 	if err != nil || len(first) != 1 || first[0].pid != app.Process.Pid {
@@ -108,7 +110,7 @@ func TestOverlappingHooksSignalOnce(t *testing.T) {
 	for range 4 {
 		go func() {
 			a := &appSignaller{fs: fs, record: record, sig: syscall.SIGTERM, log: testLogger(&log),
-				finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
+				source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}
 			_, err := a.signal(context.Background())
 			errs <- err
 		}()
@@ -331,5 +333,18 @@ func TestOwnPIDNamespace(t *testing.T) {
 				t.Errorf("ownPIDNamespace() = %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+func TestParseSignal(t *testing.T) {
+	for s, want := range map[string]syscall.Signal{"TERM": syscall.SIGTERM, "sigusr1": syscall.SIGUSR1, "SIGHUP": syscall.SIGHUP, "Int": syscall.SIGINT} {
+		if sig, err := parseSignal(s); err != nil || sig != want || signalNames[sig] == "" {
+			t.Errorf("parseSignal(%q) = %v, %v; want %v", s, sig, err, want)
+		}
+	}
+	for _, s := range []string{"KILL", "SIGKILL", "STOP", "SIGSIGTERM", ""} {
+		if _, err := parseSignal(s); err == nil {
+			t.Errorf("parseSignal(%q) accepted", s)
+		}
 	}
 }

@@ -87,9 +87,6 @@ func runProxy(ctx context.Context, args []string, stdout io.Writer) error {
 		debug.SetMemoryLimit(defaultMemoryLimit)
 	}
 	logger := slog.New(slog.NewTextHandler(stdout, nil))
-	if err := ensureFIFO(cfg.fifo); err != nil {
-		return err
-	}
 	pipe, err := openFIFOReader(cfg.fifo)
 	if err != nil {
 		return err

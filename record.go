@@ -1,9 +1,6 @@
 // record.go keeps the files beside the drain pipe: what earlier stopper runs
-// did (the processes signalled, a release), since hooks are delivered at least
-// once and a run may repeat or overlap another; and the drain's state, so that
-// a proxy restarted while the pod terminates keeps the drain. Each is trusted
-// only if it is ours, never through a link; the record's lock is waited for a
-// bounded time.
+// did, as a hook may be delivered twice or overlap another, and the drain's
+// state, which a proxy restarted while the pod terminates resumes.
 
 package main
 
@@ -15,33 +12,23 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 )
 
-// recordLockWait bounds the wait for the record's lock: a run holds it only
-// to signal and write a line, and "done", which waits for it, comes late.
+// recordLockWait bounds the wait for the record's lock, which runs hold briefly.
 const recordLockWait = 5 * time.Second
 
+// signalLog is the record: a line "PID START port N" per process signalled;
+// "0 0 port N" is a release made with the app out of sight, naming no process.
 type signalLog struct{ path string }
 
-// record is the file as one run opened it; without a usable file it is empty
-// and keeps nothing.
+// record is the file as one run opened it.
 type record struct {
-	f       *os.File
-	entries []recordEntry
-}
-
-// recordEntry is a line "PID START TARGET" ("port 8080"). A release made with
-// the app out of sight is "0 0 TARGET": no process in /proc has PID 0, so a
-// release never stands for a signal.
-type recordEntry struct {
-	pid    int
-	start  uint64
-	target string
+	f     *os.File
+	lines []string
 }
 
 // open opens the record and takes its lock, waiting for at most lockWait
@@ -50,7 +37,7 @@ func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.L
 	if l.path == "" {
 		return record{}
 	}
-	f, err := openOwnFile(l.path)
+	f, err := openOwn(l.path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0)
 	if err != nil {
 		log.Warn("not using the record of signalled processes; a repeated hook may signal the app again", "err", err)
 		return record{}
@@ -58,13 +45,14 @@ func (l signalLog) open(ctx context.Context, lockWait time.Duration, log *slog.L
 	if err := lockWithin(ctx, f, lockWait); err != nil {
 		log.Warn("going on without the record's lock; an overlapping stopper run may signal the app too", "err", err)
 	}
-	return record{f: f, entries: readEntries(f)}
+	b, _ := io.ReadAll(io.LimitReader(f, 64<<10)) // a few lines
+	return record{f: f, lines: strings.Split(string(b), "\n")}
 }
 
-// openOwnFile opens path to read and append, creating it if missing, through
-// no symlink, and only if checkOwn accepts it.
-func openOwnFile(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+// openOwn opens path through no symlink, if of type want (0: regular) and
+// ours alone: another user's file could drain the pod or forge the record.
+func openOwn(path string, flag int, want os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0o600)
 	if errors.Is(err, syscall.ELOOP) {
 		return nil, fmt.Errorf("%s is a symbolic link", path)
 	}
@@ -73,7 +61,17 @@ func openOwnFile(path string) (*os.File, error) {
 	}
 	fi, err := f.Stat()
 	if err == nil {
-		err = checkOwn(fi, 0)
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		switch {
+		case fi.Mode().Type() != want:
+			err = fmt.Errorf("not a %s (%s)", map[os.FileMode]string{0: "regular file", os.ModeNamedPipe: "named pipe"}[want], fi.Mode().Type())
+		case !ok:
+			err = errors.New("owner unknown")
+		case int(st.Uid) != os.Geteuid():
+			err = fmt.Errorf("owned by uid %d, not by this process's uid %d", st.Uid, os.Geteuid())
+		case fi.Mode().Perm()&0o022 != 0:
+			err = fmt.Errorf("writable by group or others (mode %04o)", fi.Mode().Perm())
+		}
 	}
 	if err != nil {
 		f.Close()
@@ -82,87 +80,45 @@ func openOwnFile(path string) (*os.File, error) {
 	return f, nil
 }
 
-// checkOwn refuses a file not of type want (0: regular) that another user
-// owns or may write: it could drain the pod or make up what runs did.
-func checkOwn(fi os.FileInfo, want os.FileMode) error {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	switch {
-	case fi.Mode().Type() != want:
-		kind := map[os.FileMode]string{0: "regular file", os.ModeNamedPipe: "named pipe"}[want]
-		return fmt.Errorf("not a %s (%s)", kind, fi.Mode().Type())
-	case !ok:
-		return errors.New("owner unknown")
-	case int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("owned by uid %d, not by this process's uid %d", st.Uid, os.Geteuid())
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("writable by group or others (mode %04o)", fi.Mode().Perm())
-	}
-	return nil
-}
-
 // lockWithin takes an exclusive flock on f, polling: a blocking flock would
 // ignore SIGTERM.
 func lockWithin(ctx context.Context, f *os.File, wait time.Duration) error {
-	const poll = 50 * time.Millisecond
-	deadline := time.Now().Add(wait)
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+	for deadline := time.Now().Add(wait); ; {
+		switch err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); {
+		case !errors.Is(err, syscall.EWOULDBLOCK):
 			return err
-		}
-		if wait > 0 && time.Now().After(deadline) {
+		case wait > 0 && time.Now().After(deadline):
 			return fmt.Errorf("another process held it for %v", wait)
 		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("stopper interrupted while waiting for the lock: %w", ctx.Err())
-		case <-time.After(poll):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// readEntries reads the record's lines (a few), skipping damaged ones.
-func readEntries(f *os.File) []recordEntry {
-	b, _ := io.ReadAll(io.LimitReader(f, 64<<10))
-	var entries []recordEntry
-	for _, line := range strings.Split(string(b), "\n") {
-		fields := strings.SplitN(line, " ", 3)
-		if len(fields) < 3 {
-			continue
-		}
-		pid, err1 := strconv.Atoi(fields[0])
-		start, err2 := strconv.ParseUint(fields[1], 10, 64)
-		if err1 == nil && err2 == nil {
-			entries = append(entries, recordEntry{pid, start, fields[2]})
-		}
-	}
-	return entries
 }
 
 // has reports whether p, by PID and start time, was signalled before.
 func (r record) has(p process) bool {
-	return slices.ContainsFunc(r.entries, func(e recordEntry) bool { return e.pid == p.pid && e.start == p.start })
+	id := fmt.Sprintf("%d %d ", p.pid, p.start)
+	return slices.ContainsFunc(r.lines, func(line string) bool { return strings.HasPrefix(line, id) })
 }
 
-// doneEarlier decides a run that found nothing to act on: success only if an
-// earlier run acted on this target (it returns those still exiting), else
-// findErr stands, so that a wrong port never passes for a finished job.
+// doneEarlier decides a run that found nothing to act on: success if an
+// earlier run acted on the target (returning those still exiting), else findErr.
 func (r record) doneEarlier(target string, alive func(process) bool, findErr error, log *slog.Logger) ([]process, error) {
 	var earlier []process
-	for _, e := range r.entries {
-		if e.target == target {
-			earlier = append(earlier, process{pid: e.pid, start: e.start})
+	for _, line := range r.lines {
+		var p process
+		if _, err := fmt.Sscan(line, &p.pid, &p.start); err == nil && line == fmt.Sprintf("%d %d %s", p.pid, p.start, target) {
+			earlier = append(earlier, p)
 		}
 	}
 	if len(earlier) == 0 {
 		return nil, findErr
 	}
 	exiting := slices.DeleteFunc(earlier, func(p process) bool { return p.pid == 0 || !alive(p) }) // 0: a release
-	if len(exiting) == 0 {
-		log.Info("app already gone after an earlier stopper run", "detail", findErr)
-		return nil, nil
-	}
-	log.Info("app already signalled by an earlier stopper run, and exiting", "pid", exiting[0].pid, "detail", findErr)
+	log.Info("app already signalled or released by an earlier stopper run", "still_exiting", len(exiting), "detail", findErr)
 	return exiting, nil
 }
 
@@ -175,35 +131,29 @@ func (l signalLog) released(ctx context.Context, target string, notFound error, 
 		_, err := rec.doneEarlier(target, nil, notFound, log)
 		return err
 	}
-	if err := rec.add([]process{{}}, target); err != nil {
-		log.Warn("could not record the release; a repeated hook will report an error", "err", err)
-	}
+	rec.add([]process{{}}, target, log)
 	return nil
 }
 
-// add appends the processes just signalled as target, in one write.
-func (r record) add(ps []process, target string) error {
+// add appends the processes just acted on as target, in one write.
+func (r record) add(ps []process, target string, log *slog.Logger) {
 	if r.f == nil || len(ps) == 0 {
-		return nil
+		return
 	}
 	var b strings.Builder
 	for _, p := range ps {
 		fmt.Fprintf(&b, "%d %d %s\n", p.pid, p.start, target)
 	}
-	_, err := r.f.WriteString(b.String())
-	return err
-}
-
-// close releases the lock.
-func (r record) close() {
-	if r.f != nil {
-		r.f.Close()
+	if _, err := r.f.WriteString(b.String()); err != nil {
+		log.Warn("could not write the record; a repeated hook may act again or fail", "err", err)
 	}
 }
 
-// drainState is wsdrain.state beside the pipe: "terminating" once a drain met
-// a held GET /drain, "done" once the stopper is done too. A drain alone is a
-// sidecar-only restart, which the next proxy forgets.
+// close releases the lock; Close is safe on a nil *os.File.
+func (r record) close() { r.f.Close() }
+
+// drainState is wsdrain.state: "terminating" once a drain met a held GET /drain,
+// "done" once the stopper is done too; a drain alone is a sidecar's restart.
 type drainState struct {
 	f                  *os.File // nil: in memory only
 	mu                 sync.Mutex
@@ -212,22 +162,29 @@ type drainState struct {
 	word               string
 }
 
-// openDrainState takes on the word an earlier proxy of this pod left at path.
-func openDrainState(path string) (*drainState, error) {
-	f, err := openOwnFile(path)
+// resume takes on the state an earlier proxy of this pod left (KEP-4438).
+func (p *proxy) resume(path string) {
+	f, err := openOwn(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0)
 	if err != nil {
-		return &drainState{}, err
+		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
+		return
 	}
 	b, _ := io.ReadAll(io.LimitReader(f, 64))
-	s := &drainState{f: f, released: string(b) == "done"}
-	if s.released || string(b) == "terminating" {
-		s.word = string(b)
+	p.state = &drainState{f: f}
+	if word := string(b); word == "terminating" || word == "done" {
+		p.state.word, p.state.released = word, word == "done"
+		p.drainOnce.Do(func() { close(p.draining) })
+		p.log.Info("the pod is terminating (drain state of an earlier proxy): readiness answers 503")
 	}
-	return s, nil
+	if p.state.released {
+		p.releaseOnce.Do(func() { close(p.released) })
+		p.log.Info("the stopper was done with the app before this proxy started")
+	}
 }
 
-// update applies what the proxy learnt and rewrites the word when it changes.
-func (s *drainState) update(change func()) error {
+// updateState applies what the proxy learnt, rewriting the file if need be.
+func (p *proxy) updateState(change func()) {
+	s := p.state
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	change()
@@ -239,9 +196,10 @@ func (s *drainState) update(change func()) error {
 		s.word = "done"
 	}
 	if s.f == nil || s.word == old {
-		return nil
+		return
 	}
 	s.f.Truncate(0)
-	_, err := s.f.WriteString(s.word)
-	return err
+	if _, err := s.f.WriteString(s.word); err != nil {
+		p.log.Warn("cannot write the drain state: a restarted proxy may forget the drain", "err", err)
+	}
 }

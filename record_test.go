@@ -45,7 +45,7 @@ func TestStopperGoesOnWhileAnotherRunHoldsTheRecord(t *testing.T) {
 				now:    time.Now,
 				sleep:  sleepCtx,
 				signal: (&appSignaller{fs: fs, record: signalLog{path: path}, lockWait: tt.lockWait, sig: syscall.SIGTERM, log: testLogger(&log),
-					finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}).signal,
+					source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}).signal,
 				alive: fs.alive,
 			}
 			ctx, cancel := context.WithCancel(context.Background())
@@ -231,7 +231,7 @@ func TestARepeatedRunAfterTheListenerClosed(t *testing.T) {
 	writeFile(t, path, fmt.Sprintf("%d %d port %d\n", p.pid, p.start, port), 0o600)
 	var log syncBuffer
 	a := &appSignaller{fs: fs, record: signalLog{path: path}, sig: syscall.SIGTERM, log: testLogger(&log),
-		finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
+		source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}
 	if got, err := a.signal(context.Background()); err != nil || len(got) != 1 || got[0].pid != p.pid {
 		t.Fatalf("with the recorded app still running: %+v, %v; want it returned, to be waited for", got, err)
 	}
@@ -258,7 +258,7 @@ func TestAReleaseNeverStandsForASignal(t *testing.T) {
 	writeFile(t, path, fmt.Sprintf("0 0 port %d\n", port), 0o600)
 	var log syncBuffer
 	a := &appSignaller{fs: fs, record: signalLog{path: path}, sig: syscall.SIGTERM, log: testLogger(&log),
-		finder: targetFinder{fs: fs, source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}}
+		source: newProcSource(), port: port, protect: fs.ancestors(os.Getpid())}
 	_, err := a.signal(context.Background())
 	if err != nil || !strings.Contains(log.String(), fmt.Sprintf(`msg="signalled app" pid=%d`, app.Process.Pid)) {
 		t.Fatalf("with a release on record: %v; want the app signalled:\n%s", err, log.String())

@@ -52,8 +52,7 @@ func runStopper(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		now:    time.Now,
 		sleep:  sleepCtx,
 		signal: (&appSignaller{
-			fs:       fs,
-			finder:   targetFinder{fs: fs, source: source, port: cfg.port, protect: fs.ancestors(os.Getpid())},
+			fs: fs, source: source, port: cfg.port, protect: fs.ancestors(os.Getpid()),
 			record:   record,
 			lockWait: recordLockWait,
 			sig:      cfg.signal,
