@@ -158,8 +158,8 @@ func benchParseTable(b *testing.B, ex exclusions, want int) {
 	b.ResetTimer()
 	for range b.N {
 		r.Reset(table)
-		if t, err := p.countEstablished(r, 9090, ex); err != nil || t.calls != want {
-			b.Fatalf("count = %d, %v", t.calls, err)
+		if s, err := p.readTable(portScan{}, r, 9090, ex); err != nil || s.calls != want {
+			b.Fatalf("count = %d, %v", s.calls, err)
 		}
 	}
 }
