@@ -148,7 +148,7 @@ func TestDiagRemote(t *testing.T) {
 	}
 }
 
-// TestPeerAndIdleExclusionsLive runs the filter programs in this kernel on
+// TestPeerAndIdleExclusionsLive counts, through this kernel, the sockets of
 // live connections from three loopback addresses, IPv4-mapped and IPv6, and
 // checks netlink and /proc leave out the same peers.
 func TestPeerAndIdleExclusionsLive(t *testing.T) {
