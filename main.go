@@ -134,7 +134,7 @@ func parseStopperFlags(args []string, stdout io.Writer) (stopperConfig, error) {
 }
 
 const (
-	maxPeers = 32          // keeps the kernel's filter program small
+	maxPeers = 32          // each is tested against every connection of a count
 	minIdle  = time.Second // below it, a call that merely paused would stop counting
 )
 

@@ -1,8 +1,8 @@
 //go:build linux
 
-// netlink.go counts sockets through sock_diag (as ss does), filtered by state,
-// port and peer in the kernel, and listens for its TCP destroy events, which
-// wake the stopper when a call ends. Neither needs privilege in the pod.
+// netlink.go counts sockets through sock_diag (as ss does), filtered by state
+// and port in the kernel, and listens for its TCP destroy events, which wake
+// the stopper when a call ends. Neither needs privilege in the pod.
 
 package main
 
@@ -24,19 +24,17 @@ const (
 	inetDiagReqBytecode = 1  // INET_DIAG_REQ_BYTECODE attribute
 	inetDiagBcSGE       = 2  // INET_DIAG_BC_S_GE: local port >= operand
 	inetDiagBcSLE       = 3  // INET_DIAG_BC_S_LE: local port <= operand
-	inetDiagBcJmp       = 1  // INET_DIAG_BC_JMP: always takes "no"
-	inetDiagBcDCond     = 8  // INET_DIAG_BC_D_COND: remote address in a prefix
 	inetDiagInfo        = 2  // INET_DIAG_INFO attribute: struct tcp_info
 	tcpEstablished      = 1
 	tcpListen           = 10
 	nlmsgHdrLen         = 16
 	inetDiagReqV2Len    = 56
+	portFilterLen       = 16 // the bytecode: two tests of the local port
 	inetDiagMsgLen      = 72
+	inetDiagSportOff    = 4  // idiag_sport, in network byte order
+	inetDiagDstOff      = 24 // idiag_dst, in network byte order; IPv4 in its first 4 bytes
 	inetDiagRqueueOff   = 56 // idiag_rqueue in struct inet_diag_msg, then idiag_wqueue
 	inetDiagInodeOff    = 68 // idiag_inode
-	inetDiagSportOff    = 4  // idiag_sport, in network byte order
-	portTestLen         = 16 // the two port tests that open every filter
-	hostcondLen         = 8  // struct inet_diag_hostcond before its address
 	tcpiLastDataSentOff = 44 // in struct tcp_info, in ms; then last_data_recv
 	tcpiLastDataRecvOff = 52
 	// nl_groups bits: SKNLGRP_INET_TCP_DESTROY (1), SKNLGRP_INET6_TCP_DESTROY (3).
@@ -49,7 +47,6 @@ type netlinkSource struct {
 	fd  int
 	seq uint32
 	req []byte // the request being sent
-	bc  []byte // its filter program
 	buf []byte
 }
 
@@ -77,53 +74,52 @@ func (n *netlinkSource) name() string { return "netlink" }
 
 func (n *netlinkSource) close() { syscall.Close(n.fd) }
 
-// established counts ESTABLISHED sockets on port; a second dump counts the excluded peers.
+// established counts ESTABLISHED sockets on port, less the excluded peers and idle ones.
 func (n *netlinkSource) established(port uint16, ex exclusions) (tally, error) {
 	var t tally
 	var ext uint8 // asks for tcp_info
 	if ex.idle > 0 {
 		ext = 1 << (inetDiagInfo - 1)
 	}
-	countCall := func(msg []byte) {
-		if idle, ok := idleTime(msg); ext != 0 && ok && idle >= ex.idle {
+	err := n.dump(port, 1<<tcpEstablished, ext, func(msg []byte) {
+		if len(ex.peers) > 0 && ex.excludesPeer(diagRemote(msg)) {
+			t.excludedPeer++
+		} else if idle, ok := idleTime(msg); ext != 0 && ok && idle >= ex.idle {
 			t.excludedIdle++
-			return
+		} else {
+			t.calls++
 		}
-		t.calls++
-	}
-	n.bc = appendBytecode(n.bc[:0], port, ex.peers, false)
-	if err := n.dump(1<<tcpEstablished, ext, countCall); err != nil {
+	})
+	if err != nil {
 		return tally{}, err
-	}
-	if len(ex.peers) > 0 {
-		n.bc = appendBytecode(n.bc[:0], port, ex.peers, true)
-		if err := n.dump(1<<tcpEstablished, 0, func([]byte) { t.excludedPeer++ }); err != nil {
-			return tally{}, err
-		}
 	}
 	return t, nil
 }
 
-func (n *netlinkSource) listeners(port uint16) ([]uint64, error) {
-	var inodes []uint64
-	n.bc = appendBytecode(n.bc[:0], port, nil, false)
-	err := n.dump(1<<tcpListen, 0, func(msg []byte) {
+func (n *netlinkSource) listeners(port uint16) (inodes []uint64, err error) {
+	err = n.dump(port, 1<<tcpListen, 0, func(msg []byte) {
 		inodes = append(inodes, uint64(binary.NativeEndian.Uint32(msg[inetDiagInodeOff:])))
 	})
 	return inodes, err
 }
 
-// dump calls fn with each inet_diag_msg (and attributes) of IPv4 and IPv6 sockets passing n.bc.
-func (n *netlinkSource) dump(states uint32, ext uint8, fn func(msg []byte)) error {
+// diagRemote is an inet_diag_msg's remote address (IPv4-mapped in an AF_INET6 one).
+func diagRemote(msg []byte) netip.Addr {
+	if msg[0] == syscall.AF_INET {
+		return netip.AddrFrom4([4]byte(msg[inetDiagDstOff:]))
+	}
+	return netip.AddrFrom16([16]byte(msg[inetDiagDstOff:]))
+}
+
+// dump calls fn with each inet_diag_msg (and attributes) of IPv4 and IPv6 sockets on port.
+func (n *netlinkSource) dump(port uint16, states uint32, ext uint8, fn func(msg []byte)) error {
 	for _, family := range []uint8{syscall.AF_INET, syscall.AF_INET6} {
-		n.seq++
-		n.buildRequest(family, states, ext)
+		n.buildRequest(family, states, ext, port)
 		if _, err := syscall.Write(n.fd, n.req); err != nil {
 			return fmt.Errorf("netlink sock_diag request: %w", err)
 		}
 		for done := false; !done; {
-			// MSG_TRUNC: a reply larger than the buffer is reported, not cut.
-			size, _, err := syscall.Recvfrom(n.fd, n.buf, syscall.MSG_TRUNC)
+			size, _, err := syscall.Recvfrom(n.fd, n.buf, syscall.MSG_TRUNC) // a longer reply is reported, not cut
 			switch {
 			case err == syscall.EINTR: // SO_RCVTIMEO stops the kernel restarting it
 				continue
@@ -140,11 +136,12 @@ func (n *netlinkSource) dump(states uint32, ext uint8, fn func(msg []byte)) erro
 	return nil
 }
 
-// buildRequest fills n.req: nlmsghdr, inet_diag_req_v2, and n.bc.
-func (n *netlinkSource) buildRequest(family uint8, states uint32, ext uint8) {
-	const head = nlmsgHdrLen + inetDiagReqV2Len + 4
-	n.req = append(n.req[:0], make([]byte, head)...)
-	n.req = append(n.req, n.bc...)
+// buildRequest fills n.req: nlmsghdr, inet_diag_req_v2, and bytecode keeping local port port
+// (">= && <=": S_EQ needs Linux 4.16). inet_diag_bc_run reads each op as {code, yes, no},
+// moving on by "yes" bytes when its test holds, else by "no": 4 bytes past the end rejects.
+func (n *netlinkSource) buildRequest(family uint8, states uint32, ext uint8, port uint16) {
+	n.seq++
+	n.req = append(n.req[:0], make([]byte, nlmsgHdrLen+inetDiagReqV2Len+4+portFilterLen)...)
 	b, ne := n.req, binary.NativeEndian
 	ne.PutUint32(b[0:], uint32(len(b)))
 	ne.PutUint16(b[4:], sockDiagByFamily)
@@ -154,64 +151,14 @@ func (n *netlinkSource) buildRequest(family uint8, states uint32, ext uint8) {
 	r[0], r[1], r[2] = family, syscall.IPPROTO_TCP, ext
 	ne.PutUint32(r[4:], states)
 	a := r[inetDiagReqV2Len:]
-	ne.PutUint16(a[0:], uint16(4+len(n.bc)))
+	ne.PutUint16(a[0:], 4+portFilterLen)
 	ne.PutUint16(a[2:], inetDiagReqBytecode)
-}
-
-// appendBytecode appends the filter (inet_diag_bc_run): local port is port
-// (">= && <=": S_EQ needs Linux 4.16), remote in none of peers (inPeers: in one).
-// Each op is {code, yes, no}: the kernel moves on by "yes" bytes when the test
-// holds, else by "no"; landing on the end accepts, 4 bytes past it rejects.
-// JMP always takes "no". An IPv4 D_COND also matches IPv4-mapped remotes.
-func appendBytecode(b []byte, port uint16, peers []netip.Prefix, inPeers bool) []byte {
-	total := portTestLen
-	for _, p := range peers {
-		total += hostcondOpLen(p) + 4 // the test and a JMP after it
+	for i, code := range []uint8{inetDiagBcSGE, inetDiagBcSLE} {
+		op := a[4+8*i:]
+		op[0], op[1] = code, 8
+		ne.PutUint16(op[2:], uint16(portFilterLen-8*i+4))
+		ne.PutUint16(op[6:], port) // the operand, an op {0, 0, port}
 	}
-	if inPeers && len(peers) > 0 {
-		total -= 4 // the last test needs no JMP
-	}
-	start := len(b)
-	left := func() int { return total - (len(b) - start) } // bytes from here to the end
-	b = appendOp(b, inetDiagBcSGE, 8, uint16(left()+4))
-	b = appendOp(b, 0, 0, port)
-	b = appendOp(b, inetDiagBcSLE, 8, uint16(left()+4))
-	b = appendOp(b, 0, 0, port)
-	for i, p := range peers {
-		size := hostcondOpLen(p)
-		// Not in p: on to the next test; past the last, accept (inPeers: reject).
-		b = appendHostcond(b, p, uint8(size), uint16(size+4))
-		if inPeers && i == len(peers)-1 {
-			break // in p: "yes" lands on the end, accepted
-		}
-		// In p: the JMP rejects the socket, or with inPeers accepts it.
-		jump := left()
-		if !inPeers {
-			jump += 4
-		}
-		b = appendOp(b, inetDiagBcJmp, 4, uint16(jump))
-	}
-	return b
-}
-
-func appendOp(b []byte, code, yes uint8, no uint16) []byte {
-	b = append(b, code, yes, 0, 0)
-	binary.NativeEndian.PutUint16(b[len(b)-2:], no)
-	return b
-}
-
-// hostcondOpLen: the op, struct inet_diag_hostcond, the address.
-func hostcondOpLen(p netip.Prefix) int { return 4 + hostcondLen + p.Addr().BitLen()/8 }
-
-// appendHostcond appends a D_COND op: the remote address in p, any port.
-func appendHostcond(b []byte, p netip.Prefix, yes uint8, no uint16) []byte {
-	family := uint8(syscall.AF_INET6)
-	if p.Addr().Is4() {
-		family = syscall.AF_INET
-	}
-	b = appendOp(b, inetDiagBcDCond, yes, no)
-	b = append(b, family, uint8(p.Bits()), 0, 0, 0xff, 0xff, 0xff, 0xff) // port -1: any
-	return append(b, p.Addr().AsSlice()...)                              // network byte order
 }
 
 // idleTime is how long no data moved either way, from tcp_info; ok is false
@@ -225,14 +172,11 @@ func idleTime(msg []byte) (idle time.Duration, ok bool) {
 	attrs := msg[inetDiagMsgLen:]
 	for len(attrs) >= 4 {
 		size, typ := int(ne.Uint16(attrs)), ne.Uint16(attrs[2:])
-		if size < 4 || size > len(attrs) {
+		if size < 4 || size > len(attrs) || typ == inetDiagInfo && size < 4+tcpiLastDataRecvOff+4 {
 			return 0, false
 		}
 		if typ == inetDiagInfo {
 			info := attrs[4:size]
-			if len(info) < tcpiLastDataRecvOff+4 {
-				return 0, false
-			}
 			ms := min(ne.Uint32(info[tcpiLastDataSentOff:]), ne.Uint32(info[tcpiLastDataRecvOff:]))
 			return time.Duration(ms) * time.Millisecond, true
 		}
@@ -243,29 +187,23 @@ func idleTime(msg []byte) (idle time.Duration, ok bool) {
 
 // parseDiagReply walks one datagram, done at NLMSG_DONE or NLMSG_ERROR.
 func parseDiagReply(b []byte, seq uint32, fn func(msg []byte)) (done bool, err error) {
-	le := binary.NativeEndian
+	ne := binary.NativeEndian
 	for len(b) > 0 {
-		if len(b) < nlmsgHdrLen {
+		if len(b) < nlmsgHdrLen || ne.Uint32(b) < nlmsgHdrLen || uint64(ne.Uint32(b)) > uint64(len(b)) {
 			return true, errNetlinkMalformed
 		}
-		size, typ, msgSeq := le.Uint32(b[0:]), le.Uint16(b[4:]), le.Uint32(b[8:])
-		if size < nlmsgHdrLen || uint64(size) > uint64(len(b)) {
-			return true, errNetlinkMalformed
-		}
+		size, typ, msgSeq := int(ne.Uint32(b[0:])), ne.Uint16(b[4:]), ne.Uint32(b[8:])
 		body := b[nlmsgHdrLen:size]
-		b = b[min(len(b), int(size+3)&^3):]
+		b = b[min(len(b), (size+3)&^3):]
 		switch {
 		case msgSeq != seq: // left over from a dump cut short
-		case typ == syscall.NLMSG_DONE:
-			if len(body) >= 4 && int32(le.Uint32(body)) < 0 {
-				return true, fmt.Errorf("netlink sock_diag dump: %w", syscall.Errno(-int32(le.Uint32(body))))
-			}
+		case typ == syscall.NLMSG_DONE && (len(body) < 4 || int32(ne.Uint32(body)) >= 0):
 			return true, nil
-		case typ == syscall.NLMSG_ERROR:
+		case typ == syscall.NLMSG_DONE, typ == syscall.NLMSG_ERROR: // a negative errno
 			if len(body) < 4 {
 				return true, errNetlinkMalformed
 			}
-			return true, fmt.Errorf("netlink sock_diag: %w", syscall.Errno(-int32(le.Uint32(body))))
+			return true, fmt.Errorf("netlink sock_diag: %w", syscall.Errno(-int32(ne.Uint32(body))))
 		case typ == sockDiagByFamily:
 			if len(body) < inetDiagMsgLen {
 				return true, errNetlinkMalformed
@@ -308,8 +246,6 @@ func subscribeDestroyEvents(port uint16) (*destroyEvents, error) {
 	return &destroyEvents{f: f, rc: rc}, nil
 }
 
-func (e *destroyEvents) close() { e.f.Close() }
-
 // watchDestroys wakes when a socket on port ends; failed hears if the watch ends before stop.
 func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop func(), err error) {
 	e, err := subscribeDestroyEvents(port)
@@ -323,7 +259,7 @@ func watchDestroys(port uint16, failed func(error)) (wake <-chan struct{}, stop 
 			failed(err)
 		}
 	}()
-	return ch, func() { stopped.Store(true); e.close() }, nil
+	return ch, func() { stopped.Store(true); e.f.Close() }, nil
 }
 
 // watch wakes, without blocking, on each event from the kernel (nl_pid 0:

@@ -102,50 +102,53 @@ func TestParseDiagReply(t *testing.T) {
 	}
 }
 
-// TestAppendBytecode checks the filter program's layout against the kernel's
+// TestBuildRequest checks the filter program's layout against the kernel's
 // rules (inet_diag_bc_audit): every op's "yes" moves to the next op, every
 // "no" lands on an op, on the end (accept) or 4 past it (reject).
-func TestAppendBytecode(t *testing.T) {
+func TestBuildRequest(t *testing.T) {
 	ne := binary.NativeEndian
 	op := func(code, yes uint8, no uint16) []byte {
 		b := []byte{code, yes, 0, 0}
 		ne.PutUint16(b[2:], no)
 		return b
 	}
-	v4 := []byte{syscall.AF_INET, 8, 0, 0, 0xff, 0xff, 0xff, 0xff, 10, 0, 0, 0}
-	v6 := slices.Concat([]byte{syscall.AF_INET6, 16, 0, 0, 0xff, 0xff, 0xff, 0xff}, netip.MustParseAddr("fd00::").AsSlice())
-	peers := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/16")}
 	// The codes as linux/inet_diag.h numbers them, not wsdrain's constants.
-	const sGE, sLE, jmp, dCond = 2, 3, 1, 8
-	// Lengths: ports 16, v4 test 16 + JMP 4, v6 test 28 + JMP 4: 68.
-	tests := []struct {
-		name    string
-		peers   []netip.Prefix
-		inPeers bool
-		want    []byte
-	}{
-		{"port only", nil, false, slices.Concat(
-			op(sGE, 8, 20), op(0, 0, 8080), op(sLE, 8, 12), op(0, 0, 8080))},
-		{"port, remote in no peer network", peers, false, slices.Concat(
-			op(sGE, 8, 72), op(0, 0, 8080), op(sLE, 8, 64), op(0, 0, 8080),
-			op(dCond, 16, 20), v4, op(jmp, 4, 40), // in 10/8: 4 past the end, reject
-			op(dCond, 28, 32), v6, op(jmp, 4, 8))}, // in fd00::/16: reject; else the end
-		{"port, remote in a peer network", peers, true, slices.Concat(
-			op(sGE, 8, 68), op(0, 0, 8080), op(sLE, 8, 60), op(0, 0, 8080),
-			op(dCond, 16, 20), v4, op(jmp, 4, 32), // in 10/8: the end, accept
-			op(dCond, 28, 32), v6)}, // in fd00::/16: the end; else 4 past it
+	const sGE, sLE, bytecode = 2, 3, 1
+	want := slices.Concat(op(sGE, 8, 20), op(0, 0, 8080), op(sLE, 8, 12), op(0, 0, 8080))
+	n := &netlinkSource{req: []byte{0xAA}}
+	n.buildRequest(syscall.AF_INET6, 1<<tcpEstablished, 4, 8080)
+	b := n.req
+	if len(b) != nlmsgHdrLen+inetDiagReqV2Len+4+len(want) || ne.Uint32(b) != uint32(len(b)) || ne.Uint32(b[8:]) != n.seq {
+		t.Fatalf("request of %d bytes, nlmsg_len %d, seq %d", len(b), ne.Uint32(b), ne.Uint32(b[8:]))
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got := appendBytecode([]byte{0xAA}, 8080, tt.peers, tt.inPeers)
-			if got[0] != 0xAA || !slices.Equal(got[1:], tt.want) {
-				t.Fatalf("bytecode\n got % x\nwant % x", got[1:], tt.want)
-			}
-		})
+	r := b[nlmsgHdrLen:]
+	if r[0] != syscall.AF_INET6 || r[1] != syscall.IPPROTO_TCP || r[2] != 4 || ne.Uint32(r[4:]) != 1<<tcpEstablished {
+		t.Errorf("inet_diag_req_v2 % x", r[:8])
+	}
+	attr := r[inetDiagReqV2Len:]
+	if ne.Uint16(attr) != uint16(4+len(want)) || ne.Uint16(attr[2:]) != bytecode || !slices.Equal(attr[4:], want) {
+		t.Fatalf("bytecode attribute\n got % x\nwant % x", attr[4:], want)
 	}
 }
 
-// TestPeerAndIdleExclusionsLive runs the filter programs in this kernel on
+// TestDiagRemote reads the remote address of IPv4 and IPv6 sockets' messages.
+func TestDiagRemote(t *testing.T) {
+	for _, want := range []string{"10.1.2.3", "::ffff:10.1.2.3", "fd00::7"} {
+		a := netip.MustParseAddr(want)
+		msg := make([]byte, inetDiagMsgLen)
+		msg[0] = syscall.AF_INET6
+		if a.Is4() {
+			msg[0] = syscall.AF_INET
+		}
+		copy(msg[inetDiagDstOff:], a.AsSlice())
+		copy(msg[inetDiagDstOff-16:], netip.MustParseAddr("fe80::1").AsSlice()[:16]) // idiag_src
+		if got := diagRemote(msg); got != a {
+			t.Errorf("diagRemote = %v, want %v", got, a)
+		}
+	}
+}
+
+// TestPeerAndIdleExclusionsLive counts, through this kernel, the sockets of
 // live connections from three loopback addresses, IPv4-mapped and IPv6, and
 // checks netlink and /proc leave out the same peers.
 func TestPeerAndIdleExclusionsLive(t *testing.T) {
@@ -200,7 +203,7 @@ func TestPeerAndIdleExclusionsLive(t *testing.T) {
 			}
 		})
 	}
-	t.Run("the largest program the flags allow", func(t *testing.T) {
+	t.Run("as many networks as the flags allow", func(t *testing.T) {
 		var ex exclusions
 		for i := range maxPeers {
 			ex.peers = append(ex.peers, netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, byte(i)}), 16))
@@ -460,7 +463,7 @@ func subscribe(t *testing.T, port uint16) *destroyEvents {
 	if err != nil {
 		t.Skipf("skipped: this kernel or sandbox refuses sock_diag events: %v", err)
 	}
-	t.Cleanup(e.close)
+	t.Cleanup(func() { e.f.Close() })
 	return e
 }
 

@@ -1,6 +1,5 @@
-// procnet.go says what a count is (the calls, and what is left out as no
-// call) and where counts come from: sock_diag (netlink.go) or the kernel's
-// TCP tables, /proc/net/tcp and tcp6, which it reads.
+// procnet.go says what a count is (calls, and what is left out) and where counts
+// come from: sock_diag (netlink.go) or /proc/net/tcp and tcp6, which it reads.
 
 package main
 
@@ -36,7 +35,7 @@ type exclusions struct {
 	idle  time.Duration // 0: idleness excludes nothing
 }
 
-// excludesPeer: an IPv4 network also matches IPv4-mapped remotes, as the kernel's filter does.
+// excludesPeer: an IPv4 network also matches IPv4-mapped remotes (clients of a dual-stack listener).
 func (e exclusions) excludesPeer(remote netip.Addr) bool {
 	for _, p := range e.peers {
 		if p.Contains(remote) || p.Contains(remote.Unmap()) {
@@ -117,110 +116,76 @@ func newProcSource(paths ...string) *procSource {
 func (p *procSource) name() string { return "proc" }
 
 // established cannot see idleness: callFlags.calls never picks /proc with --ignore-idle.
-func (p *procSource) established(port uint16, ex exclusions) (t tally, err error) {
-	err = p.eachTable(func(r io.Reader) error {
-		c, err := p.countEstablished(r, port, ex)
-		t.calls, t.excludedPeer = t.calls+c.calls, t.excludedPeer+c.excludedPeer
-		return err
-	})
-	if err != nil {
-		return tally{}, err
-	}
-	return t, nil
+func (p *procSource) established(port uint16, ex exclusions) (tally, error) {
+	s, err := p.scan(port, ex)
+	return s.tally, err
 }
 
-func (p *procSource) listeners(port uint16) (inodes []uint64, err error) {
-	err = p.eachTable(func(r io.Reader) error {
-		inodes, err = p.listenInodes(r, port, inodes)
-		return err
-	})
-	return inodes, err
+func (p *procSource) listeners(port uint16) ([]uint64, error) {
+	s, err := p.scan(port, exclusions{})
+	return s.listeners, err
 }
 
-// eachTable reads every table in turn; only tcp6 may be missing (a kernel without IPv6).
-func (p *procSource) eachTable(fn func(r io.Reader) error) error {
+// portScan is what the tables hold on a port: its calls and its listeners.
+type portScan struct {
+	tally
+	listeners []uint64
+}
+
+// scan reads every table in turn; only tcp6 may be missing (a kernel without IPv6).
+func (p *procSource) scan(port uint16, ex exclusions) (s portScan, err error) {
 	for i, path := range p.paths {
 		f, err := os.Open(path)
 		if i > 0 && errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			return err
+			return portScan{}, err
 		}
-		err = fn(f)
+		s, err = p.readTable(s, f, port, ex)
 		f.Close()
 		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
+			return portScan{}, fmt.Errorf("%s: %w", path, err)
 		}
 	}
-	return nil
+	return s, nil
 }
 
-// countEstablished tallies one table's ESTABLISHED rows whose local port is
-// port: a loopback client in the pod has port as its remote, and is no call.
-func (p *procSource) countEstablished(r io.Reader, port uint16, ex exclusions) (tally, error) {
-	var t tally
-	err := p.eachRow(r, port, func(row tableRow) {
-		switch {
-		case string(row.state) != stateEstablished:
-		case len(ex.peers) > 0 && ex.excludesPeer(procAddr(row.remoteAddr)):
-			t.excludedPeer++
-		default:
-			t.calls++
-		}
-	})
-	if err != nil {
-		return tally{}, err
-	}
-	return t, nil
-}
-
-func (p *procSource) listenInodes(r io.Reader, port uint16, inodes []uint64) ([]uint64, error) {
-	err := p.eachRow(r, port, func(row tableRow) {
-		if string(row.state) == stateListen {
-			inodes = append(inodes, row.inode)
-		}
-	})
-	return inodes, err
-}
-
-// tableRow is what wsdrain needs of a line; the slices alias the buffer.
-type tableRow struct {
-	remoteAddr, state []byte
-	inode             uint64 // LISTEN rows only
-}
-
-// eachRow calls fn for every row on port. A line it cannot parse (or one cut
-// short) fails the whole table: a damaged count is unknown, never zero.
-func (p *procSource) eachRow(r io.Reader, port uint16, fn func(tableRow)) error {
+// readTable adds to s the rows of r whose local port is port: a loopback
+// client in the pod has port as its remote, and is no call. A line it cannot
+// parse (or one cut short) fails the whole table: a damaged count is unknown.
+func (p *procSource) readTable(s portScan, r io.Reader, port uint16, ex exclusions) (portScan, error) {
 	p.br.Reset(r)
 	defer p.br.Reset(nil)
-	want := hexPort(port)
 	for lineNo := 1; ; lineNo++ {
 		line, err := p.br.ReadSlice('\n')
 		switch {
 		case err == io.EOF && len(line) == 0 && lineNo > 1:
-			return nil
+			return s, nil
 		case errors.Is(err, bufio.ErrBufferFull):
-			return fmt.Errorf("%w: line %d longer than %d bytes", errMalformed, lineNo, p.br.Size())
+			return portScan{}, fmt.Errorf("%w: line %d longer than %d bytes", errMalformed, lineNo, p.br.Size())
 		case err == io.EOF:
-			return fmt.Errorf("%w: line %d cut short: %q", errMalformed, lineNo, preview(line))
+			return portScan{}, fmt.Errorf("%w: line %d cut short: %.80q", errMalformed, lineNo, line)
 		case err != nil:
-			return err
-		}
-		line = line[:len(line)-1]
-		if lineNo == 1 {
-			if !bytes.HasPrefix(bytes.TrimLeft(line, " "), []byte("sl ")) {
-				return fmt.Errorf("%w: header %q", errMalformed, preview(line))
-			}
+			return portScan{}, err
+		case lineNo == 1 && !bytes.HasPrefix(bytes.TrimLeft(line, " "), []byte("sl ")):
+			return portScan{}, fmt.Errorf("%w: header %.80q", errMalformed, line[:len(line)-1])
+		case lineNo == 1:
 			continue
 		}
-		row, localPort, ok := parseRow(line)
-		if !ok {
-			return fmt.Errorf("%w: line %d: %q", errMalformed, lineNo, preview(line))
-		}
-		if bytes.Equal(localPort, want[:]) {
-			fn(row)
+		line = line[:len(line)-1]
+		localPort, remote, state, inode, ok := parseRow(line)
+		switch {
+		case !ok:
+			return portScan{}, fmt.Errorf("%w: line %d: %.80q", errMalformed, lineNo, line)
+		case localPort != uint64(port):
+		case string(state) == stateListen:
+			s.listeners = append(s.listeners, inode)
+		case string(state) != stateEstablished:
+		case len(ex.peers) > 0 && ex.excludesPeer(procAddr(remote)):
+			s.excludedPeer++
+		default:
+			s.calls++
 		}
 	}
 }
@@ -228,42 +193,41 @@ func (p *procSource) eachRow(r io.Reader, port uint16, fn func(tableRow)) error 
 var errMalformed = errors.New("malformed table")
 
 // parseRow splits "sl local rem st tx:rx tr:when retrnsmt uid timeout inode …"
-// by runs of spaces, not by column: the sl column widens past 9999 rows.
-func parseRow(line []byte) (row tableRow, localPort []byte, ok bool) {
+// by runs of spaces, not by column: the sl column widens past 9999 rows. The
+// slices alias line; inode is read on LISTEN rows only.
+func parseRow(line []byte) (localPort uint64, remote, state []byte, inode uint64, ok bool) {
 	sl, rest := nextField(line)
 	local, rest := nextField(rest)
-	remote, rest := nextField(rest)
-	state, rest := nextField(rest)
+	remoteField, rest := nextField(rest)
+	state, rest = nextField(rest)
 	_, okSl := number(bytes.TrimSuffix(sl, []byte(":")), 10)
 	_, localPort, okLocal := splitAddrPort(local)
-	remoteAddr, _, okRemote := splitAddrPort(remote)
+	remote, _, okRemote := splitAddrPort(remoteField)
 	_, okState := number(state, 16)
 	if !okSl || !bytes.HasSuffix(sl, []byte(":")) || !okLocal || !okRemote || !okState || len(state) != 2 {
-		return tableRow{}, nil, false
+		return 0, nil, nil, 0, false
 	}
-	row = tableRow{remoteAddr: remoteAddr, state: state}
 	if string(state) != stateListen {
-		return row, localPort, true
+		return localPort, remote, state, 0, true
 	}
-	var inode []byte
+	var field []byte
 	for range 6 {
-		inode, rest = nextField(rest)
+		field, rest = nextField(rest)
 	}
-	row.inode, ok = number(inode, 10)
-	return row, localPort, ok && len(inode) <= 19
+	inode, ok = number(field, 10)
+	return localPort, remote, state, inode, ok && len(field) <= 19
 }
 
 // splitAddrPort splits ADDR:PORT in hex: 8 address digits for IPv4, 32 for
 // IPv6 (where an IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d).
-func splitAddrPort(field []byte) (addr, port []byte, ok bool) {
+func splitAddrPort(field []byte) (addr []byte, port uint64, ok bool) {
 	addrLen := len(field) - 5
 	if addrLen != 8 && addrLen != 32 || field[addrLen] != ':' {
-		return nil, nil, false
+		return nil, 0, false
 	}
-	addr, port = field[:addrLen], field[addrLen+1:]
-	_, okAddr := number(addr, 16)
-	_, okPort := number(port, 16)
-	return addr, port, okAddr && okPort
+	_, okAddr := number(field[:addrLen], 16)
+	port, okPort := number(field[addrLen+1:], 16)
+	return field[:addrLen], port, okAddr && okPort
 }
 
 // procAddr decodes a checked address. The kernel prints each 32-bit word in
@@ -274,10 +238,8 @@ func procAddr(hex []byte) netip.Addr {
 		word, _ := number(hex[8*i:8*i+8], 16)
 		binary.NativeEndian.PutUint32(b[4*i:], uint32(word))
 	}
-	if len(hex) == 8 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
+	addr, _ := netip.AddrFromSlice(b[:len(hex)/2])
+	return addr
 }
 
 func nextField(s []byte) (field, rest []byte) {
@@ -286,11 +248,6 @@ func nextField(s []byte) (field, rest []byte) {
 		return s[:i], s[i:]
 	}
 	return s, nil
-}
-
-func hexPort(port uint16) [4]byte {
-	const digits = "0123456789ABCDEF"
-	return [4]byte{digits[port>>12], digits[port>>8&0xF], digits[port>>4&0xF], digits[port&0xF]}
 }
 
 // number reads b as digits of base 10 or 16 (upper case, as the kernel
@@ -310,11 +267,4 @@ func number(b []byte, base uint64) (n uint64, ok bool) {
 		n = n*base + d
 	}
 	return n, len(b) > 0
-}
-
-func preview(b []byte) string {
-	if len(b) > 80 {
-		return string(b[:80]) + "…"
-	}
-	return string(b)
 }

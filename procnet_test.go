@@ -36,7 +36,7 @@ func TestCountEstablished(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			tl, err := newProcSource().countEstablished(openTestdata(t, tt.file), tt.port, exclusions{})
+			tl, err := newProcSource().readTable(portScan{}, openTestdata(t, tt.file), tt.port, exclusions{})
 			got := tl.calls
 			if tt.fails {
 				if err == nil {
@@ -53,12 +53,12 @@ func TestCountEstablished(t *testing.T) {
 
 func TestListenInodes(t *testing.T) {
 	p := newProcSource()
-	got, err := p.listenInodes(openTestdata(t, "tcp6"), 8080, nil)
-	if err != nil || !slices.Equal(got, []uint64{34319}) {
+	got, err := p.readTable(portScan{}, openTestdata(t, "tcp6"), 8080, exclusions{})
+	if err != nil || !slices.Equal(got.listeners, []uint64{34319}) {
 		t.Fatalf("tcp6 listeners on 8080 = %v, %v; want [34319]", got, err)
 	}
-	got, err = p.listenInodes(openTestdata(t, "tcp"), 8080, nil)
-	if err != nil || len(got) != 0 {
+	got, err = p.readTable(portScan{}, openTestdata(t, "tcp"), 8080, exclusions{})
+	if err != nil || len(got.listeners) != 0 {
 		t.Fatalf("tcp listeners on 8080 = %v, %v; want none (the client end is not a listener)", got, err)
 	}
 }
@@ -104,15 +104,14 @@ func FuzzParseTable(f *testing.F) {
 	}
 	p := newProcSource()
 	f.Fuzz(func(t *testing.T, table []byte, port uint16) {
-		tl, err := p.countEstablished(strings.NewReader(string(table)), port, fuzzPeers)
-		n := tl.calls + tl.excludedPeer
+		s, err := p.readTable(portScan{}, strings.NewReader(string(table)), port, fuzzPeers)
+		n := s.calls + s.excludedPeer + len(s.listeners)
 		if err == nil && n > strings.Count(string(table), "\n") {
 			t.Fatalf("count %d exceeds the %d lines given", n, strings.Count(string(table), "\n"))
 		}
 		if err != nil && n != 0 {
 			t.Fatalf("a failed count returned %d", n)
 		}
-		p.listenInodes(strings.NewReader(string(table)), port, nil)
 	})
 }
 
@@ -162,9 +161,9 @@ func TestCountEstablishedLeavesOutPeers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := newProcSource().countEstablished(openTestdata(t, tt.file), tt.port, tt.ex)
-			if err != nil || got != tt.want {
-				t.Fatalf("%+v, %v; want %+v", got, err, tt.want)
+			got, err := newProcSource().readTable(portScan{}, openTestdata(t, tt.file), tt.port, tt.ex)
+			if err != nil || got.tally != tt.want {
+				t.Fatalf("%+v, %v; want %+v", got.tally, err, tt.want)
 			}
 		})
 	}
