@@ -128,7 +128,8 @@ func (l signalLog) released(ctx context.Context, target string, notFound error, 
 	rec := l.open(ctx, recordLockWait, log)
 	defer rec.close()
 	if notFound != nil {
-		_, err := rec.doneEarlier(target, nil, notFound, log)
+		// The app is out of sight: none of the record's processes is waited for.
+		_, err := rec.doneEarlier(target, func(process) bool { return false }, notFound, log)
 		return err
 	}
 	rec.add([]process{{}}, target, log)
