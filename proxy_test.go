@@ -778,18 +778,7 @@ func TestProxyLeavesTheNodeRoomDuringAFlood(t *testing.T) {
 	addr := strings.TrimPrefix(p.url, "http://")
 	flood(t, addr, maxConns+100, 1, "GET /drain HTTP/1.1\r\nHost: pod\r\n\r\n")
 	flood(t, addr, 100, 1, "")
-	node := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
-	kubelet := &http.Client{Transport: &http.Transport{DialContext: node.DialContext, DisableKeepAlives: true}}
-	probe := &http.Client{Timeout: time.Second, Transport: kubelet.Transport}
-	resp, err := probe.Get(p.url + "/ready")
-	if err != nil {
-		t.Fatalf("the node's probe during a flood from another address: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("the node's probe during a flood: %d, want the app's 200", resp.StatusCode)
-	}
-	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
+	kubeletGetsThrough(t, p)
 	if !strings.Contains(p.out.String(), "connection closed at once: over the limit") {
 		t.Errorf("the log does not tell of the flood:\n%s", p.out)
 	}
@@ -804,14 +793,25 @@ func TestProxyHoldsTheKubeletsHookWhenEightAddressesFillIt(t *testing.T) {
 	addr := strings.TrimPrefix(p.url, "http://")
 	flood(t, addr, maxConns, maxConns/maxConnsPerAddress, "GET /drain HTTP/1.1\r\nHost: pod\r\n\r\n")
 	waitFor(t, "the flood's waiters", func() bool { return drainLogCount(p.out.String(), "waiting") == maxConns })
+	kubeletGetsThrough(t, p)
+}
+
+// kubeletGetsThrough is the kubelet, from the node's address (127.0.0.2
+// here): its probe is answered with the app's 200 within its 1 s timeout,
+// and its preStop is held until the stopper is done.
+func kubeletGetsThrough(t *testing.T, p *testProxy) {
+	t.Helper()
 	node := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
 	kubelet := &http.Client{Transport: &http.Transport{DialContext: node.DialContext, DisableKeepAlives: true}}
 	probe := &http.Client{Timeout: time.Second, Transport: kubelet.Transport}
 	resp, err := probe.Get(p.url + "/ready")
 	if err != nil {
-		t.Fatalf("the node's probe with the proxy full: %v", err)
+		t.Fatalf("the node's probe during a flood: %v", err)
 	}
 	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("the node's probe during a flood: %d, want the app's 200", resp.StatusCode)
+	}
 	drainHeldUntilDone(t, p, getDrainWith(kubelet, p.url), 500*time.Millisecond)
 }
 
