@@ -331,6 +331,23 @@ func TestProxyRestartedDuringTerminationKeepsTheDrain(t *testing.T) {
 	}
 }
 
+// TestProxyDrainsWithTheStateInMemory: a drain state file it may not use
+// (here a symlink) leaves the state in memory, as the warning says; the
+// proxy must still drain, hold GET /drain and release it, not crash.
+func TestProxyDrainsWithTheStateInMemory(t *testing.T) {
+	app := newFakeApp(t)
+	dir := t.TempDir()
+	if err := os.Symlink(filepath.Join(dir, "elsewhere"), filepath.Join(dir, "wsdrain.state")); err != nil {
+		t.Fatal(err)
+	}
+	p := startProxy(t, app.URL+"/healthz", filepath.Join(dir, "drain.fifo"), "--drain-start-wait", "1s")
+	waitFor(t, "the warning", func() bool { return strings.Contains(p.out.String(), "drain state kept in memory only") })
+	drainHeldUntilDone(t, p, getDrain(p.url), 1500*time.Millisecond)
+	if got := status(t, "GET", p.url+"/"); got != 503 {
+		t.Errorf("readiness after the drain: %d, want 503", got)
+	}
+}
+
 func TestProxyRefusesAPathThatIsNotAFIFO(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "drain.fifo")
 	os.WriteFile(path, []byte("precious"), 0o600)

@@ -165,13 +165,14 @@ type drainState struct {
 
 // resume takes on the state an earlier proxy of this pod left (KEP-4438).
 func (p *proxy) resume(path string) {
+	p.state = &drainState{}
 	f, err := openOwn(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0)
 	if err != nil {
 		p.log.Warn("drain state kept in memory only: a restarted proxy forgets a drain", "err", err)
 		return
 	}
 	b, _ := io.ReadAll(io.LimitReader(f, 64))
-	p.state = &drainState{f: f}
+	p.state.f = f
 	if word := string(b); word == "terminating" || word == "done" {
 		p.state.word, p.state.released = word, word == "done"
 		p.drainOnce.Do(func() { close(p.draining) })
