@@ -66,7 +66,8 @@ func (r *run) restartMidDrain(component string) error {
 	time.Sleep(time.Until(end))
 	ended := time.Now()
 	stats := p.call.end()
-	r.logf("call ended by the client: %s, longest gap between echoes %s", stats, ms(stats.maxGap))
+	r.logf("call ended by the client: %s, longest gap between echoes %s, ending %s after the %s's kill",
+		stats, ms(stats.maxGap), ms(stats.maxGapEnd.Sub(killed)), component)
 	gone, err := r.w.waitEvent("gone", p.name, r.start, 90*time.Second)
 	if err != nil {
 		return err

@@ -446,6 +446,7 @@ type call struct {
 type callStats struct {
 	sent, echoed int
 	maxGap       time.Duration // the longest time without an echo, from the handshake on
+	maxGapEnd    time.Time     // when it ended
 	err          error
 }
 
@@ -469,7 +470,7 @@ func (c *call) loop() {
 	defer tick.Stop()
 	last := c.connected
 	defer func() {
-		s.maxGap = max(s.maxGap, time.Since(last))
+		s.noteGap(last)
 		c.conn.Close()
 		c.done <- s
 	}()
@@ -493,9 +494,16 @@ func (c *call) loop() {
 		}
 		if string(got) == msg {
 			s.echoed++
-			s.maxGap = max(s.maxGap, time.Since(last))
+			s.noteGap(last)
 			last = time.Now()
 		}
+	}
+}
+
+// noteGap keeps the time since last if it is the longest gap yet.
+func (s *callStats) noteGap(last time.Time) {
+	if gap := time.Since(last); gap > s.maxGap {
+		s.maxGap, s.maxGapEnd = gap, time.Now()
 	}
 }
 
